@@ -1,0 +1,260 @@
+"""Graph -> Python source: the code generator all backends share.
+
+As in torch.fx, a pipeline runs as generated straight-line Python: one
+assignment per node, so a chain of local steps costs what calling the
+functions by hand costs. Each node's call is spelled by the launcher of its
+mode (local.py, ray_tasks.py, ray_actors.py); this module decides nothing
+about placement, it only writes down what the IR says:
+
+    def run(v0):
+        v1 = s_add_one(v0)                 # local
+        v2 = r2.remote(2, v1)              # tasks: an ObjectRef
+        v3 = a3.submit(3, v2)              # actors: an ObjectRef
+        return _get(v3, 3)                 # one fetch, at the end
+
+A local node reading a remote value fetches it first (`_get`); remote nodes
+pass ObjectRefs straight on. A switch becomes if/elif over the key, and the
+nodes only one arm needs are emitted inside that arm (ir/schedule.py).
+The line of each node is recorded so that an exception inside a step is
+reported with the step's name and node id (`translate_error`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import keyword
+import linecache
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pipeline_ir.errors import StepError
+from pipeline_ir.ir.graph import Graph
+from pipeline_ir.ir.nodes import AnyNode, Call, Constant, External, Fused, Inline, Input, Mode, Project, Switch
+from pipeline_ir.ir.printer import node_label
+from pipeline_ir.ir.schedule import Block, Branches, schedule
+
+
+class Launcher(Protocol):
+    """How one execution mode spells a call (see local.py, ray_*.py)."""
+
+    remote: bool  # whether the values it produces are Ray ObjectRefs
+
+    def callee(self, node: Call | Fused) -> object:
+        """The object the generated code calls for `node` (a global)."""
+        ...
+
+    def expr(self, node: Call | Fused, callee: str, args: str) -> str:
+        """The Python expression that runs `node` given its argument list."""
+        ...
+
+
+@dataclass
+class PythonCode:
+    """Generated source, the globals it runs with, and which line of it
+    belongs to which node."""
+
+    source: str
+    globals: dict[str, object]
+    line_nodes: dict[int, int]
+    filename: str
+    entry: str
+
+    def load(self) -> Callable[..., object]:
+        """Compile the source and return its entry function."""
+        # Registering the source lets tracebacks show the generated lines.
+        linecache.cache[self.filename] = (len(self.source), None, self.source.splitlines(True), self.filename)
+        namespace = dict(self.globals)
+        exec(compile(self.source, self.filename, "exec"), namespace)
+        fn = namespace[self.entry]
+        assert callable(fn)
+        return fn
+
+
+def global_name(kind: str, key: str) -> str:
+    """A legal identifier for a global, stable for equal inputs."""
+    name = re.sub(r"\W", "_", f"{kind}_{key}")
+    return f"{name}_" if keyword.iskeyword(name) else name
+
+
+_counter = itertools.count()
+
+
+@dataclass
+class _Emitter:
+    graph: Graph
+    launchers: Mapping[Mode, Launcher]
+    constants: Mapping[str, object]
+    is_async: bool
+    lines: list[str] = field(default_factory=list)
+    line_nodes: dict[int, int] = field(default_factory=dict)
+    globals: dict[str, object] = field(default_factory=dict)
+    remote: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        # Which values are ObjectRefs follows from the nodes' modes alone; a
+        # switch's value is a ref only when every arm's is (else arms fetch).
+        for n in self.graph.all_nodes():
+            match n:
+                case Call(step=key) if self._remote_mode(self.graph.step(key).mode):
+                    self.remote.add(n.id)
+                case Fused(mode=mode) if self._remote_mode(mode):
+                    self.remote.add(n.id)
+                case Switch(cases=cases, default=default):
+                    arms = [c.branch for c in cases] + ([default] if default is not None else [])
+                    if all(a in self.remote for a in arms):
+                        self.remote.add(n.id)
+                case _:
+                    pass
+
+    def _remote_mode(self, mode: Mode) -> bool:
+        launcher = self.launchers.get(mode)
+        return launcher is not None and launcher.remote
+
+    def emit(self, indent: int, text: str, node_id: int | None = None) -> None:
+        self.lines.append("    " * indent + text)
+        if node_id is not None:
+            # +1: lines are 1-based; the def line is added before them.
+            self.line_nodes[len(self.lines) + 1] = node_id
+
+    def bind(self, name: str, value: object) -> str:
+        self.globals[name] = value
+        return name
+
+    def local(self, node_id: int) -> str:
+        """An expression for the node's value in this process."""
+        if node_id not in self.remote:
+            return f"v{node_id}"
+        get = f"(await _aget(v{node_id}, {node_id}))" if self.is_async else f"_get(v{node_id}, {node_id})"
+        return get
+
+    def arguments(self, node: Call, fetch: bool) -> str:
+        ref: Callable[[int], str] = self.local if fetch else (lambda i: f"v{i}")
+        parts = [ref(a) for a in node.args] + [f"{k}={ref(v)}" for k, v in node.kwargs]
+        return ", ".join(parts)
+
+    def node(self, indent: int, node: AnyNode) -> None:
+        match node:
+            case Input():
+                pass
+            case Constant(value=value):
+                obj = value.value if isinstance(value, Inline) else self.constants[value.key]
+                self.emit(indent, f"v{node.id} = {self.bind(f'c{node.id}', obj)}")
+            case Call():
+                step = self.graph.step(node.step)
+                launcher = self.launchers[step.mode]
+                name = self.bind(global_name("s" if not launcher.remote else "r", step.key), launcher.callee(node))
+                self.emit(indent, f"v{node.id} = {launcher.expr(node, name, self.arguments(node, not launcher.remote))}", node.id)
+            case Project(source=source, key=key):
+                self.emit(indent, f"v{node.id} = {self.local(source)}[{key!r}]", node.id)
+            case Fused(mode=mode, inputs=inputs):
+                launcher = self.launchers[mode]
+                if not launcher.remote:
+                    for inner in node.body:
+                        self.node(indent, inner)
+                    self.emit(indent, f"v{node.id} = v{node.output}")
+                    return
+                name = self.bind(f"g{node.id}", launcher.callee(node))
+                args = ", ".join(f"v{i}" for i in inputs)
+                self.emit(indent, f"v{node.id} = {launcher.expr(node, name, args)}", node.id)
+            case Switch():
+                raise AssertionError("switches are emitted from their Branches block")
+
+    def block(self, indent: int, items: Block) -> None:
+        for item in items:
+            if isinstance(item, Branches):
+                self.branches(indent, item)
+            else:
+                self.node(indent, item)
+
+    def branches(self, indent: int, item: Branches) -> None:
+        sw = item.switch
+        key_var = f"k{sw.id}"
+        self.emit(indent, f"{key_var} = {self.local(sw.key)}", sw.id)
+        arms: list[tuple[str, Block, int]] = []
+        for i, (case, body) in enumerate(zip(sw.cases, item.arms)):
+            cond = f"{'if' if i == 0 else 'elif'} {key_var} == {self.bind(f'case{sw.id}_{i}', case.value)}:"
+            arms.append((cond, body, case.branch))
+        if item.default is not None and sw.default is not None:
+            arms.append(("else:" if arms else "if True:", item.default, sw.default))
+        all_remote = sw.id in self.remote
+        for cond, body, branch in arms:
+            self.emit(indent, cond)
+            self.block(indent + 1, body)
+            value = f"v{branch}" if all_remote else self.local(branch)
+            self.emit(indent + 1, f"v{sw.id} = {value}", sw.id)
+        if item.default is None or sw.default is None:
+            self.emit(indent, "else:" if arms else "if True:")
+            self.emit(indent + 1, f"raise _no_match({sw.id}, {key_var})", sw.id)
+
+    def function(self, name: str, params: tuple[int, ...], items: Block, outputs: tuple[int, ...], multi: bool) -> PythonCode:
+        self.block(1, items)
+        remote_outs = [o for o in outputs if o in self.remote]
+        if remote_outs:
+            refs = ", ".join(f"v{o}" for o in remote_outs)
+            ids = ", ".join(str(o) for o in remote_outs)
+            fetch = f"await _aget_many(({refs},), ({ids},))" if self.is_async else f"_get_many(({refs},), ({ids},))"
+            self.emit(1, f"fetched = {fetch}")
+        values = [f"fetched[{remote_outs.index(o)}]" if o in self.remote else f"v{o}" for o in outputs]
+        self.emit(1, f"return ({', '.join(values)},)" if multi else f"return {values[0]}")
+        head = f"{'async def' if self.is_async else 'def'} {name}({', '.join(f'v{p}' for p in params)}):"
+        source = "\n".join([head, *self.lines]) + "\n"
+        self.globals["_no_match"] = _no_match_factory(self.graph)
+        filename = f"<pipeline_ir {self.graph.name} {name} #{next(_counter)}>"
+        return PythonCode(source, self.globals, self.line_nodes, filename, name)
+
+
+def _no_match_factory(graph: Graph) -> Callable[[int, object], StepError]:
+    def no_match(node_id: int, key: object) -> StepError:
+        cases = [c.value for c in graph.node(node_id).cases] if isinstance(graph.node(node_id), Switch) else []  # type: ignore[union-attr]
+        return StepError(
+            node_label(graph, node_id),
+            node_id,
+            KeyError(key),
+            message=f"switch (node %{node_id}) has no branch for key {key!r} and no default; branches: {cases}",
+        )
+
+    return no_match
+
+
+def generate(
+    graph: Graph,
+    launchers: Mapping[Mode, Launcher],
+    constants: Mapping[str, object],
+    runtime: Mapping[str, object],
+    *,
+    is_async: bool = False,
+) -> PythonCode:
+    """The program that runs one call of `graph`: `run(v0)` or `arun(v0)`."""
+    emitter = _Emitter(graph, launchers, constants, is_async)
+    emitter.globals.update(runtime)
+    items = schedule(graph.nodes, graph.outputs)
+    return emitter.function("arun" if is_async else "run", (0,), items, graph.outputs, graph.multi_output)
+
+
+def generate_body(graph: Graph, fused: Fused, launcher: Launcher, constants: Mapping[str, object]) -> PythonCode:
+    """The function a remote fused group runs: its inputs in, output out.
+
+    Only local calls happen inside a group, so `launcher` is a local one."""
+    emitter = _Emitter(graph, {fused.mode: launcher}, constants, is_async=False)
+    return emitter.function(f"group{fused.id}", fused.inputs, tuple(fused.body), (fused.output,), False)
+
+
+def translate_error(exc: BaseException, code: PythonCode, graph: Graph) -> BaseException:
+    """The error a user sees for `exc` raised while running `code`.
+
+    A StepError passes through (a remote step already named itself). Else
+    the innermost line of generated code in the traceback names the node.
+    """
+    if isinstance(exc, StepError) or not isinstance(exc, Exception):
+        return exc
+    node_id = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == code.filename:
+            node_id = code.line_nodes.get(tb.tb_lineno, node_id)
+        tb = tb.tb_next
+    if node_id is None:
+        return exc
+    return StepError(node_label(graph, node_id), node_id, exc)

@@ -1,0 +1,53 @@
+"""The LOCAL backend: steps called inline, in the caller's process.
+
+`LocalLauncher` spells a local call as a plain Python call of the function,
+or of the class instance it builds at deploy time. It also runs the bodies
+of fused groups inside Ray workers and actors, where every call is local.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from pipeline_ir.errors import StepError
+from pipeline_ir.ir.graph import Graph
+from pipeline_ir.ir.nodes import Call, Fused, StepSpec
+from pipeline_ir.trace import StepBinding
+
+
+def instantiate(step: StepSpec, binding: StepBinding, node_id: int) -> Callable[..., object]:
+    """The callable for `step`: the function, or a new instance of the class
+    built with its init args (a constructor failure names the step)."""
+    if step.kind == "function":
+        return binding.target
+    try:
+        instance = binding.target(*binding.init_args, **binding.init_kwargs)
+    except Exception as e:
+        raise StepError(
+            step.name, node_id, e, message=f"step {step.name!r} (node %{node_id}) failed in its constructor: {type(e).__name__}: {e}"
+        ) from e
+    assert callable(instance)
+    return instance
+
+
+def first_call(graph: Graph, key: str) -> int:
+    """The id of the first node that calls step `key` (for error messages)."""
+    return next(n.id for n in graph.all_nodes() if isinstance(n, Call) and n.step == key)
+
+
+class LocalLauncher:
+    """Calls steps in this process. Class steps are instantiated once, here."""
+
+    remote = False
+
+    def __init__(self, graph: Graph, steps: Mapping[str, StepBinding], keys: Iterable[str]) -> None:
+        self.objects: dict[str, Callable[..., object]] = {
+            key: instantiate(graph.step(key), steps[key], first_call(graph, key)) for key in keys
+        }
+
+    def callee(self, node: Call | Fused) -> object:
+        assert isinstance(node, Call), "local fused groups are emitted inline"
+        return self.objects[node.step]
+
+    def expr(self, node: Call | Fused, callee: str, args: str) -> str:
+        return f"{callee}({args})"

@@ -1,0 +1,94 @@
+"""Lowering a whole graph: pick each mode's launcher, generate the program.
+
+`lower()` is what `deploy()` calls. It imports the Ray backends (and so Ray)
+only when the graph has a TASKS or ACTORS node, and returns a `Program`: the
+generated sync and async entry points plus what must be closed at shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from pipeline_ir.backends.codegen import Launcher, PythonCode, generate, translate_error
+from pipeline_ir.backends.local import LocalLauncher
+from pipeline_ir.ir.graph import Graph
+from pipeline_ir.ir.nodes import Call, Fused, Mode
+from pipeline_ir.trace import Bindings
+
+
+@dataclass
+class Program:
+    """A deployed graph: generated entry points and their resources."""
+
+    graph: Graph
+    run: Callable[[object], object]
+    arun: Callable[[object], Awaitable[object]]
+    code: PythonCode
+    async_code: PythonCode
+    uses_ray: bool
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def translate(self, exc: BaseException, is_async: bool = False) -> BaseException:
+        """The user-facing error for an exception raised by run/arun."""
+        return translate_error(exc, self.async_code if is_async else self.code, self.graph)
+
+    def close(self) -> None:
+        """Release every resource (actors); idempotent."""
+        closers, self.closers = self.closers, []
+        for close in reversed(closers):
+            close()
+
+
+def modes(graph: Graph) -> set[Mode]:
+    """The execution modes a graph's top-level nodes run in."""
+    used: set[Mode] = set()
+    for n in graph.nodes:
+        if isinstance(n, Call):
+            used.add(graph.step(n.step).mode)
+        elif isinstance(n, Fused):
+            used.add(n.mode)
+    return used
+
+
+def local_keys(graph: Graph) -> list[str]:
+    """Step keys called in this process: local calls and local fused bodies."""
+    keys: dict[str, None] = {}
+    for n in graph.all_nodes():
+        if isinstance(n, Call) and graph.step(n.step).mode == "local":
+            keys[n.step] = None
+    return list(keys)
+
+
+def lower(graph: Graph, bindings: Bindings) -> Program:
+    """Build everything `graph` needs and return its Program."""
+    used = modes(graph)
+    closers: list[Callable[[], None]] = []
+    launchers: dict[Mode, Launcher] = {"local": LocalLauncher(graph, bindings.steps, local_keys(graph))}
+    runtime: dict[str, object] = {}
+    uses_ray = bool(used & {"tasks", "actors"})
+    try:
+        if uses_ray:
+            from pipeline_ir.backends import ray_runtime
+
+            ray_runtime.ensure_ray()
+            runtime.update(ray_runtime.runtime_globals(graph))
+        if "tasks" in used:
+            from pipeline_ir.backends.ray_tasks import TaskLauncher
+
+            launchers["tasks"] = TaskLauncher(graph, bindings)
+        if "actors" in used:
+            from pipeline_ir.backends.ray_actors import ActorLauncher
+
+            actors = ActorLauncher(graph, bindings)
+            closers.append(actors.close)
+            launchers["actors"] = actors
+        code = generate(graph, launchers, bindings.constants, runtime)
+        async_code = generate(graph, launchers, bindings.constants, runtime, is_async=True)
+        run = code.load()
+        arun = async_code.load()
+    except BaseException:
+        for close in closers:
+            close()
+        raise
+    return Program(graph, run, arun, code, async_code, uses_ray, closers)  # type: ignore[arg-type]

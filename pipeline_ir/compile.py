@@ -1,0 +1,90 @@
+"""compile(): trace -> verify -> passes -> CompiledPipeline. Starts nothing."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pipeline_ir.builder import PipelineNode
+from pipeline_ir.ir.graph import Graph
+from pipeline_ir.ir.nodes import Mode
+from pipeline_ir.ir.verify import check_types, verify
+from pipeline_ir.passes import Pass, PassRecord, default_passes, explain, force_backend, run_passes
+from pipeline_ir.step import ExecutionMode
+from pipeline_ir.trace import Bindings, trace
+
+if TYPE_CHECKING:
+    from pipeline_ir.pipeline import Pipeline
+
+_BACKENDS: tuple[Mode, ...] = ("local", "tasks", "actors")
+
+
+@dataclass(frozen=True)
+class CompiledPipeline:
+    """A traced, checked and optimized pipeline, ready to deploy.
+
+    `graph` is the optimized IR, `source_graph` the IR as traced; `bindings`
+    holds the callables and constants the graph names.
+    """
+
+    graph: Graph
+    source_graph: Graph
+    bindings: Bindings
+    records: tuple[PassRecord, ...]
+
+    def explain(self) -> str:
+        """Each pass that ran, and what it rewrote and why."""
+        return explain(self.records)
+
+    def deploy(self, **options: object) -> Pipeline:
+        """Start what the graph needs (Ray only if a step is remote) and
+        return the running Pipeline."""
+        from pipeline_ir.pipeline import Pipeline
+
+        return Pipeline(self, **options)  # type: ignore[arg-type]
+
+
+def _parse_backend(backend: object) -> Mode | None:
+    if backend is None:
+        return None
+    if isinstance(backend, ExecutionMode):
+        return backend.value  # type: ignore[return-value]
+    if isinstance(backend, str) and backend.lower() in _BACKENDS:
+        return backend.lower()  # type: ignore[return-value]
+    raise ValueError(f"compile(): unknown backend {backend!r}; use 'local', 'tasks' or 'actors'")
+
+
+def compile(
+    outputs: PipelineNode | tuple[PipelineNode, ...] | list[PipelineNode],
+    *,
+    backend: Mode | ExecutionMode | None = None,
+    optimize: bool = True,
+    passes: Sequence[Pass] | None = None,
+    name: str | None = None,
+    debug: bool = False,
+) -> CompiledPipeline:
+    """Trace the pipeline ending in `outputs`, check it, and optimize it.
+
+    outputs: a node, or a tuple/list of nodes (call() then returns a tuple).
+    backend: run every step on this backend ("local", "tasks", "actors"),
+        overriding each step's own execution_mode.
+    optimize: False runs no optimization pass.
+    passes: the optimization passes to run instead of `default_passes()`.
+    name: the pipeline's name in dumps (default: its last step's name).
+    debug: verify and type-check the graph after every pass.
+
+    Raises PipelineTypeError when annotated types cannot match.
+    """
+    forced = _parse_backend(backend)
+    source, bindings = trace(outputs, name=name)
+    verify(source)
+    check_types(source)
+    chosen: list[Pass] = []
+    if forced is not None:
+        chosen.append(functools.partial(force_backend, backend=forced))
+    if optimize:
+        chosen.extend(default_passes() if passes is None else passes)
+    graph, records = run_passes(source, chosen, verify_each=debug)
+    return CompiledPipeline(graph=graph, source_graph=source, bindings=bindings, records=records)

@@ -1,0 +1,69 @@
+"""The exception hierarchy of pipeline_ir: every error a user can catch.
+
+All errors derive from `PipelineError`. Errors that are also a builtin kind
+(a type mismatch, a bad value) derive from that builtin too, so code that
+catches `TypeError` or `ValueError` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class of every error raised by pipeline_ir."""
+
+
+class PipelineTypeError(PipelineError, TypeError):
+    """An upstream output type cannot match a downstream parameter type.
+
+    Raised by `compile()` before anything runs.
+    """
+
+
+class GraphError(PipelineError, ValueError):
+    """A Graph breaks an IR invariant (bad reference, order, or field).
+
+    Users see it when they hand-edit or decode a malformed graph; a pass that
+    produces one has a bug, and the message names that pass.
+    """
+
+
+class PipelineOverloadedError(PipelineError):
+    """More calls are in flight than the pipeline admits (`max_in_flight`)."""
+
+
+class StepError(PipelineError):
+    """An exception raised inside a step while the pipeline ran.
+
+    The message names the step and the node; `step_name` and `node_id` carry
+    them, and the original exception is `__cause__`. The same error is raised
+    whichever backend ran the step.
+    """
+
+    def __init__(
+        self,
+        step_name: str,
+        node_id: int,
+        cause: BaseException | None = None,
+        message: str | None = None,
+        remote_traceback: str | None = None,
+    ) -> None:
+        if message is None:
+            what = f"{type(cause).__name__}: {cause}" if cause is not None else "failed"
+            message = f"step {step_name!r} (node %{node_id}) raised {what}"
+        super().__init__(message)
+        self.step_name = step_name
+        self.node_id = node_id
+        self.remote_traceback = remote_traceback
+        if cause is not None:
+            self.__cause__ = cause
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Exceptions pickle only their args by default, which loses
+        # `__cause__` and our fields when Ray ships the error from a worker.
+        return (
+            StepError,
+            (self.step_name, self.node_id, self.__cause__, str(self), self.remote_traceback),
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,201 @@
+"""The text and Graphviz forms of a Graph.
+
+Text grammar (one node a line; docs/ir.md has the full reference)::
+
+    pipeline NAME(%0: TYPE) -> TYPE:
+      %ID: TYPE = STEP(ARGS)              # placement
+      %ID: TYPE = STEP(INIT...)(ARGS)     # class step, init args inline
+      %ID: TYPE = LITERAL                 # constant
+      %ID: TYPE = %SRC[KEY]               # projection
+      %ID: TYPE = switch %KEY {V: %B, ...} [default %D]
+      %ID: TYPE = fused MODE {            # placement
+        ...body lines...
+      } -> %OUT
+      return %ID[, %ID...]
+"""
+
+from __future__ import annotations
+
+import json
+from typing import assert_never
+
+from pipeline_ir.ir.graph import Graph
+from pipeline_ir.ir.nodes import (
+    AnyNode,
+    Call,
+    Constant,
+    External,
+    Fused,
+    Inline,
+    Input,
+    Mode,
+    Project,
+    StepSpec,
+    Switch,
+    Value,
+    node_inputs,
+)
+from pipeline_ir.ir.types import render
+
+_COMMENT_COLUMN = 48
+
+
+def value_text(value: Value) -> str:
+    """How a constant is spelled in the dump."""
+    match value:
+        case Inline(value=v):
+            return json.dumps(v) if not isinstance(v, float) else repr(v)
+        case External(repr=r):
+            return r
+        case _:
+            assert_never(value)
+
+
+def step_text(step: StepSpec) -> str:
+    """`name` for a function step, `Name(init args)` for a class step."""
+    if step.kind == "function":
+        return step.name
+    parts = [value_text(v) for v in step.init_args]
+    parts += [f"{k}={value_text(v)}" for k, v in step.init_kwargs]
+    return f"{step.name}({', '.join(parts)})"
+
+
+def placement_text(mode: Mode, replicas: int, cpus: float | None, gpus: float | None) -> str:
+    """The trailing comment: where a node runs and with what."""
+    if mode == "local" and cpus is None and gpus is None:
+        return ""
+    parts: list[str] = [mode]
+    if replicas > 1:
+        parts.append(f"x{replicas}")
+    for label, amount in (("cpu", cpus), ("gpu", gpus)):
+        if amount is not None:
+            parts.append(f"{label}={amount:g}")
+    return " ".join(parts)
+
+
+def _line(indent: str, lhs: str, rhs: str, comment: str) -> str:
+    text = f"{indent}{lhs} = {rhs}"
+    if comment:
+        text = f"{text.ljust(_COMMENT_COLUMN - 1)} # {comment}"
+    return text
+
+
+def _lhs(node: AnyNode) -> str:
+    return f"%{node.id}: {render(node.type)}"
+
+
+def _node_lines(graph: Graph, node: AnyNode, indent: str) -> list[str]:
+    match node:
+        case Input():
+            return []
+        case Constant(value=value):
+            return [_line(indent, _lhs(node), value_text(value), "")]
+        case Call(step=key, args=args, kwargs=kwargs):
+            step = graph.step(key)
+            arg_text = [f"%{a}" for a in args] + [f"{k}=%{v}" for k, v in kwargs]
+            rhs = f"{step_text(step)}({', '.join(arg_text)})"
+            comment = placement_text(step.mode, step.num_replicas, step.num_cpus, step.num_gpus)
+            if not step.fuse:
+                comment = f"{comment} nofuse".strip()
+            if step.pure:
+                comment = f"{comment} pure".strip()
+            return [_line(indent, _lhs(node), rhs, comment)]
+        case Project(source=source, key=key):
+            return [_line(indent, _lhs(node), f"%{source}[{json.dumps(key)}]", "")]
+        case Switch(key=key, cases=cases, default=default):
+            arms = ", ".join(f"{json.dumps(c.value)}: %{c.branch}" for c in cases)
+            rhs = f"switch %{key} {{{arms}}}" + (f" default %{default}" if default is not None else "")
+            return [_line(indent, _lhs(node), rhs, "")]
+        case Fused(mode=mode, body=body, output=output):
+            comment = placement_text(mode, node.num_replicas, node.num_cpus, node.num_gpus) or "local"
+            head = _line(indent, _lhs(node), f"fused {mode} {{", f"{comment}, {len(body)} nodes")
+            lines = [head]
+            for inner in body:
+                lines.extend(_node_lines(graph, inner, indent + "  "))
+            lines.append(f"{indent}}} -> %{output}")
+            return lines
+        case _:
+            assert_never(node)
+
+
+def dump(graph: Graph) -> str:
+    """The text form of `graph`."""
+    inp = graph.nodes[0]
+    out_types = [render(graph.node(o).type) for o in graph.outputs]
+    ret_type = f"({', '.join(out_types)})" if graph.multi_output else out_types[0]
+    lines = [f"pipeline {graph.name}(%{inp.id}: {render(inp.type)}) -> {ret_type}:"]
+    for node in graph.nodes:
+        lines.extend(_node_lines(graph, node, "  "))
+    lines.append(f"  return {', '.join(f'%{o}' for o in graph.outputs)}")
+    return "\n".join(lines)
+
+
+def node_label(graph: Graph, node_id: int) -> str:
+    """What errors call a node: its step's name, or what the op does."""
+    node = graph.node(node_id)
+    match node:
+        case Call(step=key):
+            return graph.step(key).name
+        case Fused(body=body):
+            return "+".join(graph.step(b.step).name for b in body if isinstance(b, Call))
+        case Project():
+            return "getitem"
+        case Switch():
+            return "switch"
+        case Constant():
+            return "constant"
+        case Input():
+            return "input"
+        case _:
+            assert_never(node)
+
+
+def _dot_label(graph: Graph, node: AnyNode) -> str:
+    text = "\n".join(line.strip() for line in _node_lines(graph, node, "")[:1]) or f"%{node.id}: {render(node.type)} = input"
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def to_dot(graph: Graph) -> str:
+    """Graphviz source: one box a node, fused groups as clusters."""
+    lines = [f'digraph "{graph.name}" {{', "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
+
+    def emit(node: AnyNode, indent: str) -> None:
+        lines.append(f'{indent}n{node.id} [label="{_dot_label(graph, node)}"];')
+
+    for node in graph.nodes:
+        if isinstance(node, Fused):
+            lines.append(f"  subgraph cluster_{node.id} {{")
+            lines.append(f'    label="fused %{node.id} ({node.mode})"; style=dashed;')
+            for inner in node.body:
+                emit(inner, "    ")
+            lines.append("  }")
+        else:
+            emit(node, "  ")
+    edges: list[str] = []
+    for node in graph.all_nodes():
+        match node:
+            case Fused():
+                continue  # its body's edges stand for it
+            case Switch(key=key, cases=cases, default=default):
+                edges.append(f'  n{key} -> n{node.id} [label="key"];')
+                for c in cases:
+                    edges.append(f'  n{c.branch} -> n{node.id} [label="{json.dumps(c.value).replace(chr(34), "")}"];')
+                if default is not None:
+                    edges.append(f'  n{default} -> n{node.id} [label="default"];')
+            case _:
+                for src in node_inputs(node):
+                    edges.append(f"  n{_visible(graph, src)} -> n{node.id};")
+    lines.extend(edges)
+    for o in graph.outputs:
+        lines.append(f'  n{_visible(graph, o)} -> out [style=bold];')
+    lines.append('  out [shape=oval, label="output"];')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _visible(graph: Graph, node_id: int) -> int:
+    """A fused group's id stands for its output inside it when drawing edges."""
+    for n in graph.nodes:
+        if isinstance(n, Fused) and n.id == node_id:
+            return n.output
+    return node_id

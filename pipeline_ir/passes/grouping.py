@@ -1,0 +1,149 @@
+"""Forming fused groups: the mechanism the fusion passes share.
+
+A fusion pass says which call nodes may share a group (`group_class`: equal
+classes may fuse, None never) and how the group runs (`placement`). This
+module finds the groups and rewrites the graph. A group grows backwards from
+a node into a producer when the producer is the end of a group of the same
+class and the node is its only reader, so every member but the last is read
+only inside the group: groups are convex (no path leaves and re-enters) and
+have one output. Projections of a group's last node, and constants read only
+inside a group, join it too. A group needs two calls or more to be formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+import msgspec
+
+from pipeline_ir.ir.graph import Graph
+from pipeline_ir.ir.nodes import AnyNode, Call, Constant, Fused, Mode, Project, StepSpec, node_inputs, remap_inputs
+from pipeline_ir.passes.manager import PassResult
+
+
+class Placement(msgspec.Struct, frozen=True, kw_only=True):
+    """How a fused group runs: the fields its Fused node gets."""
+
+    mode: Mode
+    num_replicas: int = 1
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+
+
+GroupClass = Callable[[StepSpec], Hashable | None]
+
+
+def _readings(graph: Graph) -> dict[int, list[int]]:
+    readers: dict[int, list[int]] = {n.id: [] for n in graph.nodes}
+    for n in graph.nodes:
+        for i in node_inputs(n):
+            readers[i].append(n.id)
+    for o in graph.outputs:
+        readers[o].append(-1)  # the caller reads outputs
+    return readers
+
+
+def find_groups(graph: Graph, group_class: GroupClass) -> list[list[int]]:
+    """Groups of node ids (in topological order) of two calls or more."""
+    readers = _readings(graph)
+    by_id = {n.id: n for n in graph.nodes}
+    group_of: dict[int, int] = {}  # node id -> group key (id of its first node)
+    members: dict[int, list[int]] = {}
+    klass: dict[int, Hashable] = {}
+
+    def absorbable(producer: int, reader: int, k: Hashable) -> bool:
+        g = group_of.get(producer)
+        return g is not None and klass[g] == k and members[g][-1] == producer and set(readers[producer]) == {reader}
+
+    for n in graph.nodes:
+        k: Hashable | None = None
+        if isinstance(n, Call):
+            k = group_class(graph.step(n.step))
+        elif isinstance(n, Project) and n.source in group_of:
+            k = klass[group_of[n.source]]
+            if not absorbable(n.source, n.id, k):
+                k = None
+        if k is None:
+            continue
+        merged: list[int] = []
+        for i in dict.fromkeys(node_inputs(n)):
+            if absorbable(i, n.id, k):
+                merged.extend(members.pop(group_of[i]))
+        ids = sorted(merged, key=lambda x: _position(graph, x)) + [n.id]
+        key = ids[0]
+        for m in ids:
+            group_of[m] = key
+        members[key] = ids
+        klass[key] = k
+    groups = []
+    for ids in members.values():
+        calls = [i for i in ids if isinstance(by_id[i], Call)]
+        if len(calls) >= 2:
+            member_set = set(ids)
+            consts = [
+                c.id
+                for c in graph.nodes
+                if isinstance(c, Constant) and readers[c.id] and set(readers[c.id]) <= member_set
+            ]
+            groups.append(sorted(ids + consts, key=lambda x: _position(graph, x)))
+    return groups
+
+
+def _position(graph: Graph, node_id: int) -> int:
+    return next(i for i, n in enumerate(graph.nodes) if n.id == node_id)
+
+
+def fuse(graph: Graph, groups: list[list[int]], placement: Callable[[list[StepSpec]], Placement]) -> tuple[Graph, list[Fused]]:
+    """Replace each group by one Fused node placed where its last member was."""
+    if not groups:
+        return graph, []
+    by_id = {n.id: n for n in graph.nodes}
+    next_id = max(n.id for n in graph.all_nodes()) + 1
+    sink_to_fused: dict[int, Fused] = {}
+    dropped: set[int] = set()
+    for ids in groups:
+        body = tuple(by_id[i] for i in ids)
+        inside = set(ids)
+        inputs = tuple(dict.fromkeys(i for b in body for i in node_inputs(b) if i not in inside))
+        steps = [graph.step(b.step) for b in body if isinstance(b, Call)]
+        where = placement(steps)
+        fused = Fused(
+            id=next_id,
+            type=body[-1].type,
+            mode=where.mode,
+            inputs=inputs,
+            body=tuple(b for b in body if isinstance(b, (Call, Constant, Project))),
+            output=ids[-1],
+            num_replicas=where.num_replicas,
+            num_cpus=where.num_cpus,
+            num_gpus=where.num_gpus,
+        )
+        next_id += 1
+        sink_to_fused[ids[-1]] = fused
+        dropped.update(ids)
+    mapping = {sink: f.id for sink, f in sink_to_fused.items()}
+    nodes: list[AnyNode] = []
+    for n in graph.nodes:
+        if n.id in sink_to_fused:
+            nodes.append(sink_to_fused[n.id])
+        elif n.id not in dropped:
+            nodes.append(remap_inputs(n, mapping))
+    outputs = tuple(mapping.get(o, o) for o in graph.outputs)
+    new_graph = msgspec.structs.replace(graph, nodes=tuple(nodes), outputs=outputs)
+    return new_graph, list(sink_to_fused.values())
+
+
+def describe(graph: Graph, fused: Fused) -> str:
+    """`add_one %1, double %2` for a rewrite record."""
+    return ", ".join(f"{graph.step(b.step).name} %{b.id}" for b in fused.body if isinstance(b, Call))
+
+
+def fuse_pass(graph: Graph, group_class: GroupClass, placement: Callable[[list[StepSpec]], Placement], why: str) -> PassResult:
+    """A whole fusion pass: find groups, fuse them, record each rewrite."""
+    groups = find_groups(graph, group_class)
+    new_graph, fused = fuse(graph, groups, placement)
+    if not fused:
+        return PassResult(graph)
+    rewrites = tuple(f"fused {describe(graph, f)} into %{f.id} ({f.mode}): {why}" for f in fused)
+    return PassResult(new_graph, rewrites)
+
