@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -46,9 +47,16 @@ class CompiledPipeline:
         return Pipeline(self, **options)  # type: ignore[arg-type]
 
 
+BACKEND_ENV = "PIPELINE_IR_BACKEND"
+
+
 def _parse_backend(backend: object) -> Mode | None:
     if backend is None:
-        return None
+        # Lets an unchanged script run on another backend:
+        # PIPELINE_IR_BACKEND=actors python my_pipeline.py
+        backend = os.environ.get(BACKEND_ENV) or None
+        if backend is None:
+            return None
     if isinstance(backend, ExecutionMode):
         return backend.value  # type: ignore[return-value]
     if isinstance(backend, str) and backend.lower() in _BACKENDS:
@@ -69,7 +77,8 @@ def compile(
 
     outputs: a node, or a tuple/list of nodes (call() then returns a tuple).
     backend: run every step on this backend ("local", "tasks", "actors"),
-        overriding each step's own execution_mode.
+        overriding each step's own execution_mode. When None, the
+        environment variable PIPELINE_IR_BACKEND, if set, is used.
     optimize: False runs no optimization pass.
     passes: the optimization passes to run instead of `default_passes()`.
     name: the pipeline's name in dumps (default: its last step's name).

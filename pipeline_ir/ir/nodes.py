@@ -98,6 +98,9 @@ class StepSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     num_gpus: float | None = None
     fuse: bool = True
     pure: bool = False
+    # Steps (and fused groups) with the same label are scheduled on the same
+    # Ray node, so tensors between them stay on one machine. Set by passes.
+    colocate: str | None = None
     init_args: tuple[Value, ...] = ()
     init_kwargs: tuple[tuple[str, Value], ...] = ()
     params: tuple[Param, ...] = ()
@@ -170,6 +173,7 @@ class Fused(Node, frozen=True, kw_only=True, tag="fused"):
     num_replicas: int = 1
     num_cpus: float | None = None
     num_gpus: float | None = None
+    colocate: str | None = None
 
 
 AnyNode: TypeAlias = Input | Constant | Call | Project | Switch | Fused

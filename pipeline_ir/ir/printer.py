@@ -60,7 +60,7 @@ def step_text(step: StepSpec) -> str:
     return f"{step.name}({', '.join(parts)})"
 
 
-def placement_text(mode: Mode, replicas: int, cpus: float | None, gpus: float | None) -> str:
+def placement_text(mode: Mode, replicas: int, cpus: float | None, gpus: float | None, colocate: str | None = None) -> str:
     """The trailing comment: where a node runs and with what."""
     if mode == "local" and cpus is None and gpus is None:
         return ""
@@ -70,6 +70,8 @@ def placement_text(mode: Mode, replicas: int, cpus: float | None, gpus: float | 
     for label, amount in (("cpu", cpus), ("gpu", gpus)):
         if amount is not None:
             parts.append(f"{label}={amount:g}")
+    if colocate is not None:
+        parts.append(f"colocate={colocate}")
     return " ".join(parts)
 
 
@@ -94,7 +96,7 @@ def _node_lines(graph: Graph, node: AnyNode, indent: str) -> list[str]:
             step = graph.step(key)
             arg_text = [f"%{a}" for a in args] + [f"{k}=%{v}" for k, v in kwargs]
             rhs = f"{step_text(step)}({', '.join(arg_text)})"
-            comment = placement_text(step.mode, step.num_replicas, step.num_cpus, step.num_gpus)
+            comment = placement_text(step.mode, step.num_replicas, step.num_cpus, step.num_gpus, step.colocate)
             if not step.fuse:
                 comment = f"{comment} nofuse".strip()
             if step.pure:
@@ -107,7 +109,7 @@ def _node_lines(graph: Graph, node: AnyNode, indent: str) -> list[str]:
             rhs = f"switch %{key} {{{arms}}}" + (f" default %{default}" if default is not None else "")
             return [_line(indent, _lhs(node), rhs, "")]
         case Fused(mode=mode, body=body, output=output):
-            comment = placement_text(mode, node.num_replicas, node.num_cpus, node.num_gpus) or "local"
+            comment = placement_text(mode, node.num_replicas, node.num_cpus, node.num_gpus, node.colocate) or "local"
             head = _line(indent, _lhs(node), f"fused {mode} {{", f"{comment}, {len(body)} nodes")
             lines = [head]
             for inner in body:
