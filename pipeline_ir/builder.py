@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
-    from pipeline_ir.compile import CompiledPipeline
     from pipeline_ir.pipeline import Pipeline
     from pipeline_ir.step import ConfiguredStep, FunctionStep
 
@@ -50,17 +49,11 @@ class PipelineNode:
             "use pipeline.switch(key_node, {value: branch, ...}) to choose by a value"
         )
 
-    def compile(self, **options: object) -> CompiledPipeline:
-        """Same as `pipeline_ir.compile(self, **options)`."""
+    def deploy(self) -> Pipeline:
+        """Same as `pipeline_ir.compile(self).deploy()`."""
         from pipeline_ir.compile import compile as compile_
 
-        return compile_(self, **options)  # type: ignore[arg-type]
-
-    def deploy(self, **options: object) -> Pipeline:
-        """Same as `pipeline_ir.compile(self).deploy(**options)`."""
-        from pipeline_ir.compile import compile as compile_
-
-        return compile_(self).deploy(**options)  # type: ignore[arg-type]
+        return compile_(self).deploy()
 
 
 class InputNode(PipelineNode):
@@ -82,7 +75,7 @@ class CallNode(PipelineNode):
 
     def __init__(
         self,
-        step: FunctionStep | ConfiguredStep,
+        step: FunctionStep[object] | ConfiguredStep,
         args: tuple[object, ...],
         kwargs: dict[str, object],
     ) -> None:

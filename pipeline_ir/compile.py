@@ -19,7 +19,7 @@ from pipeline_ir.trace import Bindings, trace
 if TYPE_CHECKING:
     from pipeline_ir.pipeline import Pipeline
 
-_BACKENDS: tuple[Mode, ...] = ("local", "tasks", "actors")
+_BACKENDS: dict[str, Mode] = {"local": "local", "tasks": "tasks", "actors": "actors"}
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,12 @@ class CompiledPipeline:
         """Each pass that ran, and what it rewrote and why."""
         return explain(self.records)
 
-    def deploy(self, **options: object) -> Pipeline:
+    def deploy(self) -> Pipeline:
         """Start what the graph needs (Ray only if a step is remote) and
         return the running Pipeline."""
         from pipeline_ir.pipeline import Pipeline
 
-        return Pipeline(self, **options)  # type: ignore[arg-type]
+        return Pipeline(self)
 
 
 BACKEND_ENV = "PIPELINE_IR_BACKEND"
@@ -57,11 +57,14 @@ def _parse_backend(backend: object) -> Mode | None:
         backend = os.environ.get(BACKEND_ENV) or None
         if backend is None:
             return None
+        where = f"environment variable {BACKEND_ENV}"
+    else:
+        where = "compile(backend=...)"
     if isinstance(backend, ExecutionMode):
-        return backend.value  # type: ignore[return-value]
+        backend = backend.value
     if isinstance(backend, str) and backend.lower() in _BACKENDS:
-        return backend.lower()  # type: ignore[return-value]
-    raise ValueError(f"compile(): unknown backend {backend!r}; use 'local', 'tasks' or 'actors'")
+        return _BACKENDS[backend.lower()]
+    raise ValueError(f"{where}: unknown backend {backend!r}; use 'local', 'tasks' or 'actors'")
 
 
 def compile(

@@ -87,7 +87,7 @@ class Pipeline:
     def shutdown(self) -> None:
         """End every actor of the pipeline. Idempotent."""
         self._run = _closed
-        self._arun = _aclosed  # type: ignore[assignment]
+        self._arun = _aclosed
         self._finalizer()
 
     def __enter__(self) -> Pipeline:

@@ -146,7 +146,7 @@ class FunctionStep(Generic[R]):
         self.fn = fn
         self.options = options
         self.signature = _signature(fn)
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     @property
     def name(self) -> str:
@@ -165,13 +165,13 @@ class ClassStep(Generic[T]):
     step; the constructor itself runs only at deploy()."""
 
     def __init__(self, cls: type[T], options: StepOptions) -> None:
-        if not callable(getattr(cls, "__call__", None)) or cls.__call__ is object.__call__:  # type: ignore[comparison-overlap]
+        if not any("__call__" in vars(k) for k in cls.__mro__[:-1]):
             raise TypeError(f"class step {options.name!r} must define __call__(self, ...)")
         self.cls = cls
         self.options = options
         self.init_signature = _signature(cls)
-        self.call_signature = _signature(cls.__call__, skip_first=True)  # type: ignore[operator]
-        functools.update_wrapper(self, cls, updated=())  # type: ignore[arg-type]
+        self.call_signature = _signature(cls.__call__, skip_first=True)
+        functools.update_wrapper(self, cls, updated=())
 
     @property
     def name(self) -> str:
@@ -217,13 +217,13 @@ class ConfiguredStep:
 
 class _Decorator(Protocol):
     @overload
-    def __call__(self, fn_or_cls: type[T], /) -> ClassStep[T]: ...
+    def __call__(self, fn_or_cls: type[T], /) -> ClassStep[T]: ...  # type: ignore[overload-overlap]
     @overload
     def __call__(self, fn_or_cls: Callable[..., R], /) -> FunctionStep[R]: ...
 
 
 @overload
-def step(fn_or_cls: type[T], /) -> ClassStep[T]: ...
+def step(fn_or_cls: type[T], /) -> ClassStep[T]: ...  # type: ignore[overload-overlap]
 @overload
 def step(fn_or_cls: Callable[..., R], /) -> FunctionStep[R]: ...
 @overload

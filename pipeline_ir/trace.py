@@ -100,13 +100,13 @@ def is_plain_json(value: object) -> bool:
     if value is None or type(value) in (bool, str):
         return True
     if type(value) is int:
-        return -(2**63) <= value < 2**64  # type: ignore[operator]
+        return -(2**63) <= value < 2**64
     if type(value) is float:
-        return math.isfinite(value)  # type: ignore[arg-type]
+        return math.isfinite(value)
     if type(value) is list:
-        return all(is_plain_json(v) for v in value)  # type: ignore[attr-defined]
+        return all(is_plain_json(v) for v in value)
     if type(value) is dict:
-        return all(type(k) is str and is_plain_json(v) for k, v in value.items())  # type: ignore[attr-defined]
+        return all(type(k) is str and is_plain_json(v) for k, v in value.items())
     return False
 
 
@@ -179,7 +179,7 @@ class _Tracer:
             name=options.name,
             path=f"{target.__module__}:{target.__qualname__}",
             kind="function" if isinstance(handle, FunctionStep) else "class",
-            mode=options.mode.value,  # type: ignore[arg-type]
+            mode=options.mode.value,
             num_replicas=options.num_replicas,
             num_cpus=options.num_cpus,
             num_gpus=options.num_gpus,

@@ -222,6 +222,6 @@ def remap_inputs(node: AnyNode, mapping: dict[int, int]) -> AnyNode:
             )
         case Fused(inputs=inputs, body=body):
             new_body = tuple(remap_inputs(b, mapping) for b in body)
-            return msgspec.structs.replace(node, inputs=tuple(m(i) for i in inputs), body=new_body)  # type: ignore[arg-type]
+            return msgspec.structs.replace(node, inputs=tuple(m(i) for i in inputs), body=new_body)
         case _:
             assert_never(node)
