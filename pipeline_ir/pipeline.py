@@ -79,10 +79,8 @@ class Pipeline:
             raise ValueError(f"map(): max_in_flight must be an int >= 1, got {max_in_flight!r}")
         if not self._program.uses_ray:
             # Local steps run in this thread anyway: concurrency buys nothing.
-            for x in xs:
-                yield self.call(x)
-            return
-        yield from _map_async(self.call_async, xs, max_in_flight)
+            return (self.call(x) for x in xs)
+        return _map_async(self.call_async, xs, max_in_flight)
 
     def shutdown(self) -> None:
         """End every actor of the pipeline. Idempotent."""

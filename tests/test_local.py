@@ -258,7 +258,7 @@ def test_call_async_and_map() -> None:
         assert asyncio.run(main()) == [1, 4, 9, 16, 25]
         assert list(p.map(range(5), max_in_flight=2)) == [1, 4, 9, 16, 25]
         with pytest.raises(ValueError, match="max_in_flight"):
-            list(p.map([1], max_in_flight=0))
+            p.map([1], max_in_flight=0)
 
 
 def test_async_errors_are_step_errors() -> None:
