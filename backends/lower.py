@@ -51,6 +51,19 @@ def modes(graph: Graph) -> set[Mode]:
     return used
 
 
+def needs_ray(graph: Graph) -> bool:
+    """Whether deploying `graph` needs Ray (a TASKS or ACTORS node)."""
+    return bool(modes(graph) & {"tasks", "actors"})
+
+
+def cluster_gpus() -> float:
+    """The GPUs of the Ray cluster this process joins (starting Ray if
+    needed): what the place_gpu pass decides with at deploy."""
+    from pipeline_ir.backends import ray_runtime
+
+    return ray_runtime.cluster_gpus()
+
+
 def local_keys(graph: Graph) -> list[str]:
     """Step keys called in this process: local calls and local fused bodies."""
     keys: dict[str, None] = {}
@@ -66,23 +79,26 @@ def lower(graph: Graph, bindings: Bindings) -> Program:
     closers: list[Callable[[], None]] = []
     launchers: dict[Mode, Launcher] = {"local": LocalLauncher(graph, bindings.steps, local_keys(graph))}
     runtime: dict[str, object] = {}
-    uses_ray = bool(used & {"tasks", "actors"})
+    uses_ray = needs_ray(graph)
     try:
         if uses_ray:
             from pipeline_ir.backends import ray_runtime
 
             ray_runtime.ensure_ray()
             runtime.update(ray_runtime.runtime_globals(graph))
-        if "tasks" in used:
-            from pipeline_ir.backends.ray_tasks import TaskLauncher
-
-            launchers["tasks"] = TaskLauncher(graph, bindings)
+        # colocate label -> Ray node id. Actors are placed first, so tasks
+        # sharing a label with them follow them to their node.
+        colocation: dict[str, str] = {}
         if "actors" in used:
             from pipeline_ir.backends.ray_actors import ActorLauncher
 
-            actors = ActorLauncher(graph, bindings)
+            actors = ActorLauncher(graph, bindings, colocation)
             closers.append(actors.close)
             launchers["actors"] = actors
+        if "tasks" in used:
+            from pipeline_ir.backends.ray_tasks import TaskLauncher
+
+            launchers["tasks"] = TaskLauncher(graph, bindings, colocation)
         code = generate(graph, launchers, bindings.constants, runtime)
         async_code = generate(graph, launchers, bindings.constants, runtime, is_async=True)
         run = code.load()

@@ -21,6 +21,7 @@ from pipeline_ir.errors import (
     PipelineError,
     PipelineOverloadedError,
     PipelineTypeError,
+    PlacementError,
     StepError,
 )
 from pipeline_ir.ir.graph import Graph
@@ -38,6 +39,7 @@ __all__ = [
     "PipelineNode",
     "PipelineOverloadedError",
     "PipelineTypeError",
+    "PlacementError",
     "StepError",
     "compile",
     "step",

@@ -65,7 +65,7 @@ def load_graph(target: str, raw: bool) -> Graph:
     if isinstance(obj, PipelineNode) or (
         isinstance(obj, (tuple, list)) and obj and all(isinstance(o, PipelineNode) for o in obj)
     ):
-        compiled = compile(obj, optimize=not raw)  # type: ignore[arg-type]
+        compiled = compile(obj, optimize=not raw)
         return compiled.source_graph if raw else compiled.graph
     raise TargetError(
         f"{target} is a {type(obj).__name__}, not a pipeline node or CompiledPipeline; "

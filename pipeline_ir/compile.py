@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ from pipeline_ir.builder import PipelineNode
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Mode
 from pipeline_ir.ir.verify import check_types, verify
-from pipeline_ir.passes import Pass, PassRecord, default_passes, explain, force_backend, run_passes
+from pipeline_ir.passes import Pass, PassRecord, default_passes, explain, force_backend, place_gpu, run_passes
 from pipeline_ir.step import ExecutionMode
 from pipeline_ir.trace import Bindings, trace
 
@@ -34,10 +35,23 @@ class CompiledPipeline:
     source_graph: Graph
     bindings: Bindings
     records: tuple[PassRecord, ...]
+    gpu_fallback: bool = False
 
     def explain(self) -> str:
         """Each pass that ran, and what it rewrote and why."""
         return explain(self.records)
+
+    def place(self, cluster_gpus: float) -> CompiledPipeline:
+        """This pipeline fitted to a Ray cluster with `cluster_gpus` GPUs:
+        deploy() calls it once Ray is up. Runs the place_gpu pass, which
+        raises PlacementError naming the GPU steps the cluster cannot hold,
+        or with `compile(..., gpu_fallback=True)` runs them on CPU (the
+        record then shows in explain()). Returns self when nothing changes."""
+        placing = functools.partial(place_gpu, cluster_gpus=cluster_gpus, fallback=self.gpu_fallback)
+        graph, records = run_passes(self.graph, [placing], verify_each=True)
+        if graph is self.graph:
+            return self
+        return dataclasses.replace(self, graph=graph, records=self.records + records)
 
     def deploy(self) -> Pipeline:
         """Start what the graph needs (Ray only if a step is remote) and
@@ -75,6 +89,7 @@ def compile(
     passes: Sequence[Pass] | None = None,
     name: str | None = None,
     debug: bool = False,
+    gpu_fallback: bool = False,
 ) -> CompiledPipeline:
     """Trace the pipeline ending in `outputs`, check it, and optimize it.
 
@@ -86,6 +101,8 @@ def compile(
     passes: the optimization passes to run instead of `default_passes()`.
     name: the pipeline's name in dumps (default: its last step's name).
     debug: verify and type-check the graph after every pass.
+    gpu_fallback: at deploy, run GPU steps the Ray cluster has no GPU for
+        on CPU (written in explain()) instead of raising PlacementError.
 
     Raises PipelineTypeError when annotated types cannot match.
     """
@@ -99,4 +116,4 @@ def compile(
     if optimize:
         chosen.extend(default_passes() if passes is None else passes)
     graph, records = run_passes(source, chosen, verify_each=debug)
-    return CompiledPipeline(graph=graph, source_graph=source, bindings=bindings, records=records)
+    return CompiledPipeline(graph=graph, source_graph=source, bindings=bindings, records=records, gpu_fallback=gpu_fallback)

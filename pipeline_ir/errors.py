@@ -27,6 +27,15 @@ class GraphError(PipelineError, ValueError):
     """
 
 
+class PlacementError(PipelineError):
+    """The Ray cluster cannot give a step what it asks for (GPUs).
+
+    Raised by `deploy()` before any step starts; the message names the steps
+    and says how to fix it (`compile(..., gpu_fallback=True)` runs them on
+    CPU instead).
+    """
+
+
 class PipelineOverloadedError(PipelineError):
     """More calls are in flight than the pipeline admits (`max_in_flight`)."""
 

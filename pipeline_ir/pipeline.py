@@ -37,8 +37,11 @@ class Pipeline:
     """A deployed pipeline. Use it as a context manager, or call shutdown()."""
 
     def __init__(self, compiled: CompiledPipeline) -> None:
-        from pipeline_ir.backends.lower import lower
+        from pipeline_ir.backends.lower import cluster_gpus, lower, needs_ray
 
+        if needs_ray(compiled.graph):
+            # GPU placement is decided by a pass, with the cluster's GPUs.
+            compiled = compiled.place(cluster_gpus())
         self.compiled = compiled
         self._program: Program = lower(compiled.graph, compiled.bindings)
         self._run: Callable[[object], object] = self._program.run

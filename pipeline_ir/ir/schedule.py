@@ -1,11 +1,16 @@
 """Which nodes run only when a switch picks them: the block structure that
 every backend lowers, so that a switch runs only its chosen branch.
 
-A node belongs to the arm of a switch when every use of it lies inside that
-arm (it is the arm's branch, or feeds only nodes of the arm). Such nodes run
-inside the arm; all others run unconditionally, in topological order. This
-is derived from the graph alone (never stored), so passes need not keep it
-up to date, and all backends agree on what runs.
+The region of a switch is the set of nodes needed only by its arms: its
+branches (when read by nothing else, the switch's key included), and
+nodes all of whose readings come from its region. A node of the region
+runs inside each arm that needs it, and only there: a node shared by arms
+1 and 2 is emitted in both arms (arms exclude each other, so it still runs
+at most once per call) and not at all when arm 0 is chosen. A node belongs
+to the innermost switch whose region holds it (regions nest); all other
+nodes run unconditionally, in topological order. This is derived from the
+graph alone (never stored), so passes need not keep it up to date, and all
+backends agree on what runs.
 """
 
 from __future__ import annotations
@@ -29,11 +34,11 @@ Item = AnyNode | Branches
 Block = tuple[Item, ...]
 
 
-def _arm_members(nodes: tuple[AnyNode, ...], outputs: tuple[int, ...]) -> dict[tuple[int, int], set[int]]:
-    """For each (switch id, arm index), the ids of nodes that only that arm uses.
+def _regions(nodes: tuple[AnyNode, ...], outputs: tuple[int, ...]) -> dict[int, dict[int, set[int]]]:
+    """For each switch id, its region: node id -> the arms that need it.
 
-    Arm index `len(cases)` is the default. Uses are counted per reading, so a
-    node that is a branch of two arms, or also the key, belongs to none.
+    Arm index `len(cases)` is the default. A reading as the switch's key,
+    by an output or by a node outside the region keeps a node out of it.
     """
     pos = {n.id: i for i, n in enumerate(nodes)}
     # Each reading of a node, as (reader id, arm index or None for "any").
@@ -51,39 +56,45 @@ def _arm_members(nodes: tuple[AnyNode, ...], outputs: tuple[int, ...]) -> dict[t
     for o in outputs:
         readings[o].append((-1, None))
 
-    members: dict[tuple[int, int], set[int]] = {}
-    by_id = {n.id: n for n in nodes}
+    regions: dict[int, dict[int, set[int]]] = {}
     for sw in (n for n in nodes if isinstance(n, Switch)):
-        arms = [c.branch for c in sw.cases] + ([sw.default] if sw.default is not None else [])
-        for arm, branch in enumerate(arms):
-            if readings[branch] != [(sw.id, arm)] or isinstance(by_id[branch], Input):
-                members[(sw.id, arm)] = set()
+        need: dict[int, set[int]] = {}
+        # Latest to earliest: every reader of a node comes after it, so its
+        # readers are decided before it is.
+        for n in reversed(nodes[: pos[sw.id]]):
+            if isinstance(n, Input) or not readings[n.id]:
                 continue
-            body = {branch}
-            # Walk ancestors from latest to earliest: a node joins when all
-            # of its readers already belong to the arm.
-            for n in reversed(nodes[: pos[branch]]):
-                if isinstance(n, Input) or not readings[n.id]:
-                    continue
-                if all(reader in body for reader, _ in readings[n.id]):
-                    body.add(n.id)
-            members[(sw.id, arm)] = body
-    return members
+            arms: set[int] = set()
+            for reader, which in readings[n.id]:
+                if reader == sw.id and which is not None:
+                    arms.add(which)
+                elif reader in need:
+                    arms |= need[reader]
+                else:
+                    break
+            else:
+                need[n.id] = arms
+        regions[sw.id] = need
+    return regions
 
 
 def schedule(nodes: tuple[AnyNode, ...], outputs: tuple[int, ...]) -> Block:
     """The block structure of `nodes` (topologically ordered) for `outputs`."""
-    members = _arm_members(nodes, outputs)
-    # A node belongs to the innermost (smallest) arm holding it; arms nest.
-    owner: dict[int, tuple[int, int]] = {}
-    for arm_key, ids in sorted(members.items(), key=lambda kv: -len(kv[1])):
-        for i in ids:
-            owner[i] = arm_key
+    regions = _regions(nodes, outputs)
+    # Regions nest, so the innermost switch holding a node has the smallest.
+    owner: dict[int, int] = {}
+    for sw_id, need in sorted(regions.items(), key=lambda kv: -len(kv[1])):
+        for i in need:
+            owner[i] = sw_id
 
     def block(arm_key: tuple[int, int] | None) -> Block:
         items: list[Item] = []
         for n in nodes:
-            if owner.get(n.id) != arm_key:
+            sw_id = owner.get(n.id)
+            if arm_key is None:
+                if sw_id is not None:
+                    continue
+            elif sw_id != arm_key[0] or arm_key[1] not in regions[sw_id][n.id]:
                 continue
             if isinstance(n, Switch):
                 arms = tuple(block((n.id, a)) for a in range(len(n.cases)))

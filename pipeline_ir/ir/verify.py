@@ -50,17 +50,24 @@ def verify(graph: Graph) -> None:
     for s in graph.steps:
         _check_step(s)
     steps = set(keys)
-    seen: set[int] = set()
+    seen: set[int] = set()  # every id so far, body nodes included (ids are graph-wide)
+    top: set[int] = set()  # top-level ids so far: the only ones top-level nodes may read
     used_steps: set[str] = set()
 
     def define(node: AnyNode) -> None:
         if node.id in seen:
             raise GraphError(f"graph {graph.name!r}: node id %{node.id} is defined twice")
         seen.add(node.id)
+        top.add(node.id)
 
     def check_refs(node: AnyNode) -> None:
         for ref in node_inputs(node):
-            if ref not in seen:
+            if ref in seen and ref not in top:
+                raise GraphError(
+                    f"graph {graph.name!r}: node %{node.id} reads %{ref}, which is inside a fused "
+                    "group: only the group's value (its own id) is visible outside it"
+                )
+            if ref not in top:
                 raise GraphError(f"graph {graph.name!r}: node %{node.id} reads %{ref}, which is not defined before it")
         if isinstance(node, Call):
             if node.step not in steps:

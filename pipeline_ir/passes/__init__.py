@@ -1,18 +1,49 @@
 """Optimization passes: each a pure function Graph -> PassResult.
 
-`default_passes()` is the order compile() runs them in.
+`default_passes()` is the order compile() runs them in (docs/passes.md
+says why). `place_gpu` is not among them: it needs the Ray cluster's GPU
+count, so deploy runs it (`CompiledPipeline.place`).
 """
 
 from __future__ import annotations
 
+from pipeline_ir.passes.colocate import colocate
+from pipeline_ir.passes.colocate_actors import colocate_actors
+from pipeline_ir.passes.eliminate_common import eliminate_common
+from pipeline_ir.passes.eliminate_dead import eliminate_dead
 from pipeline_ir.passes.force_backend import force_backend
 from pipeline_ir.passes.fuse_local import fuse_local
+from pipeline_ir.passes.fuse_tasks import fuse_tasks
 from pipeline_ir.passes.manager import Pass, PassRecord, PassResult, explain, run_passes
+from pipeline_ir.passes.place_gpu import check_gpus, place_gpu
 
 
 def default_passes() -> list[Pass]:
-    """The passes compile() runs when optimize=True, in order."""
-    return [fuse_local]
+    """The passes compile() runs when optimize=True, in order.
+
+    Clean-up first, so fusion sees the fewest nodes and merged nodes are
+    not hidden inside fused bodies (which eliminate_common does not enter);
+    then the three fusion passes (they group disjoint modes, so their
+    order among themselves does not matter); colocate last, because it
+    labels exactly the tensor edges fusion left between processes.
+    """
+    return [eliminate_dead, eliminate_common, fuse_local, fuse_tasks, colocate_actors, colocate]
 
 
-__all__ = ["Pass", "PassRecord", "PassResult", "default_passes", "explain", "force_backend", "fuse_local", "run_passes"]
+__all__ = [
+    "Pass",
+    "PassRecord",
+    "PassResult",
+    "check_gpus",
+    "colocate",
+    "colocate_actors",
+    "default_passes",
+    "eliminate_common",
+    "eliminate_dead",
+    "explain",
+    "force_backend",
+    "fuse_local",
+    "fuse_tasks",
+    "place_gpu",
+    "run_passes",
+]

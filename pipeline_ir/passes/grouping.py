@@ -8,6 +8,11 @@ class and the node is its only reader, so every member but the last is read
 only inside the group: groups are convex (no path leaves and re-enters) and
 have one output. Projections of a group's last node, and constants read only
 inside a group, join it too. A group needs two calls or more to be formed.
+
+Because every member but the last is read only inside its group, a group
+never spans a switch: all of its members run in the same arm as its last
+node (see ir/schedule.py), so fusing never makes a branch run when it was
+not chosen. Switch nodes themselves never join a group.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import msgspec
 
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import AnyNode, Call, Constant, Fused, Mode, Project, StepSpec, node_inputs, remap_inputs
+from pipeline_ir.ir.printer import placement_text
 from pipeline_ir.passes.manager import PassResult
 
 
@@ -31,6 +37,29 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
 
 
 GroupClass = Callable[[StepSpec], Hashable | None]
+
+
+def gpu_class(step: StepSpec) -> float:
+    """The GPU share a step asks for, 0 for none: steps fuse only with
+    steps that ask for the same share, so a CPU step never holds a GPU and
+    two GPU models never have to share one they each asked for whole."""
+    return step.num_gpus or 0.0
+
+
+def combined_cpus(steps: list[StepSpec]) -> float | None:
+    """The CPUs one unit running `steps` one after another needs: the most
+    any of them asks for (None, Ray's default of one, counts as 1), or None
+    when none asks explicitly. Never more than some member alone needed,
+    so a fused unit fits wherever its largest member fit."""
+    if all(s.num_cpus is None for s in steps):
+        return None
+    return max(1.0 if s.num_cpus is None else s.num_cpus for s in steps)
+
+
+def combined_gpus(steps: list[StepSpec]) -> float | None:
+    """The GPU share of a unit of steps grouped by `gpu_class` (all equal)."""
+    share = max(gpu_class(s) for s in steps)
+    return share or None
 
 
 def _readings(graph: Graph) -> dict[int, list[int]]:
@@ -125,7 +154,10 @@ def fuse(graph: Graph, groups: list[list[int]], placement: Callable[[list[StepSp
     nodes: list[AnyNode] = []
     for n in graph.nodes:
         if n.id in sink_to_fused:
-            nodes.append(sink_to_fused[n.id])
+            # A group may read another group's last node: it reads that
+            # group's Fused node now (its own members are never sinks of
+            # other groups, so only outside references change).
+            nodes.append(remap_inputs(sink_to_fused[n.id], mapping))
         elif n.id not in dropped:
             nodes.append(remap_inputs(n, mapping))
     outputs = tuple(mapping.get(o, o) for o in graph.outputs)
@@ -133,17 +165,28 @@ def fuse(graph: Graph, groups: list[list[int]], placement: Callable[[list[StepSp
     return new_graph, list(sink_to_fused.values())
 
 
+def unit_placement(fused: Fused) -> str:
+    """`local`, `tasks cpu=2`, `actors x2 gpu=1`: where a fused unit runs."""
+    return placement_text(fused.mode, fused.num_replicas, fused.num_cpus, fused.num_gpus, fused.colocate) or fused.mode
+
+
 def describe(graph: Graph, fused: Fused) -> str:
     """`add_one %1, double %2` for a rewrite record."""
     return ", ".join(f"{graph.step(b.step).name} %{b.id}" for b in fused.body if isinstance(b, Call))
 
 
-def fuse_pass(graph: Graph, group_class: GroupClass, placement: Callable[[list[StepSpec]], Placement], why: str) -> PassResult:
+def fuse_pass(
+    graph: Graph,
+    group_class: GroupClass,
+    placement: Callable[[list[StepSpec]], Placement],
+    why: str,
+    verb: str = "fused",
+) -> PassResult:
     """A whole fusion pass: find groups, fuse them, record each rewrite."""
     groups = find_groups(graph, group_class)
     new_graph, fused = fuse(graph, groups, placement)
     if not fused:
         return PassResult(graph)
-    rewrites = tuple(f"fused {describe(graph, f)} into %{f.id} ({f.mode}): {why}" for f in fused)
+    rewrites = tuple(f"{verb} {describe(graph, f)} into %{f.id} ({unit_placement(f)}): {why}" for f in fused)
     return PassResult(new_graph, rewrites)
 

@@ -1,0 +1,338 @@
+"""The ACTORS backend: each remote step (or fused group) is a pool of actors.
+
+At deploy, every ACTORS step, or ACTORS fused group, gets a `Pool` of
+`num_replicas` `Replica` actors. A replica hosts one unit (backends/
+worker.py): it builds the step objects in its constructor (class steps run
+`__init__` once per replica, with their init args) and then runs calls one
+at a time, in order. deploy() returns once every replica is ready, so a
+constructor's exception fails deploy() as a StepError naming the step.
+
+Generated code submits through the pool, which routes each call to the
+replica with the fewest calls in flight (ties go round-robin, so a pool
+spreads even strictly sequential calls over all replicas):
+
+    v3 = a_Adder.submit(3, v2)       # an ObjectRef
+
+In-flight counts drop when Ray reports the result ready, through a
+callback on Ray's own thread, without fetching the value (`_on_ready`), so
+no thread is started per call. A replica that dies is reported as a
+StepError naming its step (ray_runtime.py) and replaced by a new actor for
+later calls; its calls in flight fail, none is retried (`max_task_retries=0`),
+since a step may have side effects. `close()` kills every actor and waits
+(briefly) until the processes on this machine are gone.
+
+Placement follows the IR: resources per replica and the `colocate` label.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from pipeline_ir.backends import ray_runtime
+from pipeline_ir.backends.ray_tasks import colocate_strategy, resource_options, submit_expr
+from pipeline_ir.backends.serialization import ensure_registered
+from pipeline_ir.backends.worker import Unit, shippable
+from pipeline_ir.errors import StepError
+from pipeline_ir.ir.graph import Graph
+from pipeline_ir.ir.nodes import Call, Fused
+from pipeline_ir.trace import Bindings
+
+# How long close() waits for killed replicas on this machine to exit.
+_EXIT_WAIT_S = 5.0
+
+
+class Replica:
+    """One actor of a pool: hosts a unit and runs its calls."""
+
+    def __init__(self, unit: Unit) -> None:
+        self.unit = unit
+        self.error: StepError | None = None
+        try:
+            unit.build()
+        except StepError as e:
+            # Kept and raised by ready() and call(): an exception escaping an
+            # actor constructor would reach the caller as a bare ActorDiedError.
+            self.error = shippable(e)
+
+    def ready(self) -> tuple[int, str]:
+        """This replica's pid and Ray node id, once it is built."""
+        if self.error is not None:
+            raise self.error
+        return os.getpid(), ray.get_runtime_context().get_node_id()
+
+    def call(self, node_id: int, *args: object, **kwargs: object) -> object:
+        """Run the unit as node `node_id`."""
+        if self.error is not None:
+            raise self.error
+        return self.unit(node_id, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        # Ray prefixes the actor's log lines with this.
+        return f"Replica({self.unit.label})"
+
+
+_RemoteReplica: Any = ray.remote(Replica)
+
+
+@dataclass
+class _Slot:
+    """The caller's view of one replica."""
+
+    index: int
+    handle: Any
+    actor_id: str
+    ready_ref: Any
+    pid: int | None = None
+    node: str | None = None
+    in_flight: int = 0
+    dead: bool = False
+    replaced: bool = False
+
+
+class Pool:
+    """The replicas of one unit, and least-loaded routing over them."""
+
+    def __init__(self, unit: Unit, size: int, options: Mapping[str, object]) -> None:
+        self.unit = unit
+        self.size = size
+        self.options = dict(options)
+        self.node_ids = tuple(n.id for n in _nodes_served(unit))
+        self.slots: list[_Slot] = []
+        self.closed = False
+        self._next = 0  # where the round-robin tie-break starts
+        self._lock = threading.Lock()
+        # Refs in flight, kept alive until Ray reports them ready: a dropped
+        # ref would never run its callback and its replica would look busy.
+        self._pending: dict[int, Any] = {}
+        self._tickets = 0
+
+    def start(self, count: int | None = None) -> None:
+        """Start replicas until the pool has `count` (default: all)."""
+        for _ in range((count or self.size) - len(self.slots)):
+            self.slots.append(self._spawn(len(self.slots)))
+
+    def _spawn(self, index: int) -> _Slot:
+        handle = _RemoteReplica.options(**self.options).remote(self.unit)
+        actor_id = handle._actor_id.hex()
+        slot = _Slot(index, handle, actor_id, handle.ready.remote())
+        ray_runtime.register_replica(
+            actor_id,
+            ray_runtime.ReplicaInfo(self.unit.label, self.node_ids, index, None, functools.partial(self._mark_dead, actor_id)),
+        )
+        return slot
+
+    def wait_ready(self) -> None:
+        """Block until every replica is built; record pids and nodes."""
+        slots = [s for s in self.slots if s.pid is None]
+        try:
+            placed = ray.get([s.ready_ref for s in slots])
+        except ray.exceptions.RayError as e:
+            error = ray_runtime.step_error(e, self.unit.graph, self.node_ids[0])
+        else:
+            for slot, (pid, node) in zip(slots, placed):
+                slot.pid, slot.node = pid, node
+                info = ray_runtime.ReplicaInfo(self.unit.label, self.node_ids, slot.index, pid, functools.partial(self._mark_dead, slot.actor_id))
+                ray_runtime.register_replica(slot.actor_id, info)
+            return
+        raise error
+
+    def _mark_dead(self, actor_id: str) -> None:
+        with self._lock:
+            for slot in self.slots:
+                if slot.actor_id == actor_id:
+                    slot.dead = True
+
+    def _replace_dead(self) -> None:
+        """Start a new replica in place of each one known to be dead."""
+        with self._lock:
+            dead = [s for s in self.slots if s.dead and not s.replaced]
+            for slot in dead:
+                slot.replaced = True
+        # Outside the lock: creating an actor ships the unit through Ray.
+        for slot in dead:
+            ray_runtime.forget_replica(slot.actor_id)
+            ray.kill(slot.handle)  # to be sure: an actor reported dead may be a hung one
+            new = self._spawn(slot.index)
+            with self._lock:
+                if not self.closed:
+                    self.slots[slot.index] = new
+                    continue
+            ray.kill(new.handle)  # closed meanwhile
+
+    def _pick(self) -> _Slot:
+        """The live replica with the fewest calls in flight; ties are
+        broken round-robin. Called under the lock."""
+        n = len(self.slots)
+        best: _Slot | None = None
+        for k in range(n):
+            slot = self.slots[(self._next + k) % n]
+            if slot.dead:
+                continue  # being replaced by another caller right now
+            if best is None or slot.in_flight < best.in_flight:
+                best = slot
+                if slot.in_flight == 0:
+                    break
+        if best is None:
+            best = self.slots[self._next % n]  # all being replaced: this call fails, named
+        self._next = (best.index + 1) % n
+        return best
+
+    def submit(self, node_id: int, *args: object, **kwargs: object) -> Any:
+        """Run the unit as node `node_id` on the least-loaded replica;
+        returns the call's ObjectRef."""
+        ensure_registered()  # torch may have been imported since deploy
+        self._replace_dead()
+        with self._lock:
+            if self.closed:
+                raise RuntimeError(f"the replicas of step {self.unit.label!r} were shut down")
+            slot = self._pick()
+            slot.in_flight += 1
+            self._tickets += 1
+            ticket = self._tickets
+        # Submitted outside the lock: Ray's callback thread takes it in
+        # _done(), and submitting may wait on Ray (storing a large argument).
+        try:
+            ref = slot.handle.call.remote(node_id, *args, **kwargs)
+        except BaseException:
+            self._done(slot, ticket)  # e.g. an argument that cannot be pickled
+            raise
+        with self._lock:
+            self._pending[ticket] = ref
+        # May run the callback at once, in this thread: never under the lock.
+        ref._on_ready(lambda _exc: self._done(slot, ticket))
+        return ref
+
+    def _done(self, slot: _Slot, ticket: int) -> None:
+        # Runs on Ray's callback thread: keep it short, never call into Ray.
+        with self._lock:
+            slot.in_flight -= 1
+            self._pending.pop(ticket, None)
+
+    def close(self) -> list[int]:
+        """Kill every replica; return the pids of those on this node."""
+        with self._lock:
+            self.closed = True
+            slots, self.slots = self.slots, []
+            self._pending.clear()
+        here = ray.get_runtime_context().get_node_id()
+        pids = []
+        for slot in slots:
+            ray_runtime.forget_replica(slot.actor_id)
+            _learn_placement(slot)
+            ray.kill(slot.handle)
+            if slot.pid is not None and slot.node == here:
+                pids.append(slot.pid)
+        return pids
+
+
+def _learn_placement(slot: _Slot) -> None:
+    """Fill in the pid and node of a replica started after deploy (a
+    replacement) if it is up by now, without waiting for it."""
+    if slot.pid is not None:
+        return
+    ready, _ = ray.wait([slot.ready_ref], timeout=0)
+    if ready:
+        try:
+            slot.pid, slot.node = ray.get(ready[0])
+        except ray.exceptions.RayError:
+            pass  # it failed to start: no process to wait for
+
+
+def _nodes_served(unit: Unit) -> list[Call | Fused]:
+    """The graph's top-level nodes a unit runs for."""
+    if isinstance(unit.node, Fused):
+        return [unit.node]
+    key = unit.node.step
+    return [n for n in unit.graph.nodes if isinstance(n, Call) and n.step == key]
+
+
+def _wait_exit(pids: list[int]) -> None:
+    deadline = time.monotonic() + _EXIT_WAIT_S
+    for pid in pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not yet reaped by
+    its parent, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    except (PermissionError, OSError):
+        return True
+
+
+class ActorLauncher:
+    """Starts the replica pools of a graph and spells calls into them."""
+
+    remote = True
+
+    def __init__(self, graph: Graph, bindings: Bindings, colocation: dict[str, str] | None = None) -> None:
+        self.graph = graph
+        self.colocation = {} if colocation is None else colocation
+        self.pools: dict[str | int, Pool] = {}
+        try:
+            self._start(bindings)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, bindings: Bindings) -> None:
+        ray_runtime.ship_code(b.target for b in bindings.steps.values())
+        for key, unit, size, options, label in self._units(bindings):
+            ray_runtime.check_feasible(unit.label, options, "replica")
+            pool = self.pools[key] = Pool(unit, size, {"max_restarts": 0, "max_task_retries": 0, **options})
+            if label is not None and label not in self.colocation:
+                # The first replica with a label picks the node; the rest follow it.
+                pool.start(1)
+                pool.wait_ready()
+                node = pool.slots[0].node
+                assert node is not None
+                self.colocation[label] = node
+            pool.options.update(colocate_strategy(label, self.colocation))
+            pool.start()
+        for pool in self.pools.values():
+            pool.wait_ready()
+
+    def _units(self, bindings: Bindings) -> list[tuple[str | int, Unit, int, dict[str, object], str | None]]:
+        """(pool key, unit, replicas, resource options, colocate label) for
+        each ACTORS step (one pool however many nodes call it) and group."""
+        units: dict[str | int, tuple[str | int, Unit, int, dict[str, object], str | None]] = {}
+        for node in self.graph.nodes:
+            if isinstance(node, Call) and node.step not in units:
+                spec = self.graph.step(node.step)
+                if spec.mode == "actors":
+                    options = resource_options(spec.num_cpus, spec.num_gpus)
+                    units[node.step] = (node.step, Unit.of(self.graph, node, bindings), spec.num_replicas, options, spec.colocate)
+            elif isinstance(node, Fused) and node.mode == "actors":
+                options = resource_options(node.num_cpus, node.num_gpus)
+                units[node.id] = (node.id, Unit.of(self.graph, node, bindings), node.num_replicas, options, node.colocate)
+        return list(units.values())
+
+    def callee(self, node: Call | Fused) -> Pool:
+        return self.pools[node.step if isinstance(node, Call) else node.id]
+
+    def expr(self, node: Call | Fused, callee: str, args: str) -> str:
+        return submit_expr(node, callee, args)
+
+    def close(self) -> None:
+        """Kill every replica of every pool; idempotent."""
+        pools, self.pools = list(self.pools.values()), {}
+        if not ray.is_initialized():
+            return  # Ray already shut down (interpreter exit): the actors went with it
+        pids: list[int] = []
+        for pool in pools:
+            pids.extend(pool.close())
+        _wait_exit(pids)

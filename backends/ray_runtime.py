@@ -1,0 +1,223 @@
+"""The Ray side of a deployed pipeline, in the caller's process.
+
+- `ensure_ray()`: join the running Ray, or start one the way `ray.init()`
+  does by default (RAY_ADDRESS, else a local cluster already running on
+  this machine, else a new embedded one). Only lower.py calls it, and only
+  for graphs with a remote node, so LOCAL pipelines never start Ray.
+- `runtime_globals(graph)`: the fetch helpers generated code calls
+  (`_get`, `_aget`, `_get_many`, `_aget_many`). They turn every Ray error
+  into the StepError a user sees; no RayTaskError ever reaches the caller.
+- `ship_code(...)`: steps from modules Ray's workers cannot import travel
+  by value, as `__main__` code does with plain `ray.remote`.
+- A registry of live replicas by actor id, so that an actor's death,
+  wherever it surfaces (its own result, or the result of a node that read
+  it), is reported under the right step and the replica is replaced.
+
+This module routes nothing and places nothing (ray_actors.py, ray_tasks.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import ray
+import ray.exceptions
+
+from pipeline_ir.backends.serialization import ensure_registered
+from pipeline_ir.errors import PlacementError, StepError
+from pipeline_ir.ir.graph import Graph
+from pipeline_ir.ir.printer import node_label
+
+_init_lock = threading.Lock()
+
+
+def ensure_ray() -> None:
+    """Connect this process to Ray, starting a local instance if needed,
+    and register the zero-copy tensor serializer here."""
+    with _init_lock:
+        if not ray.is_initialized():
+            # ray.init() honours RAY_ADDRESS and joins a cluster started with
+            # `ray start` on this machine before starting its own.
+            ray.init()
+    ensure_registered()
+
+
+def cluster_gpus() -> float:
+    """How many GPUs the Ray cluster has (logical resources included)."""
+    ensure_ray()
+    resources: Any = ray.cluster_resources
+    return float(resources().get("GPU", 0.0))
+
+
+def ship_code(targets: Iterable[object]) -> None:
+    """Make the modules defining these step callables travel by value when
+    Ray's workers could not import them.
+
+    Plain `ray.remote` ships `__main__` code by value and everything else
+    by reference, and workers import by reference from the environment's
+    packages plus the driver's working and script directories. A step
+    from any other directory (a test module pytest put on sys.path, a
+    project file imported through a sys.path tweak) would then fail to
+    import in the worker; such modules are registered with Ray's
+    cloudpickle to be pickled by value, as `__main__` is.
+    """
+    import ray.cloudpickle
+
+    by_value: Any = ray.cloudpickle.register_pickle_by_value
+    for target in targets:
+        module = sys.modules.get(getattr(target, "__module__", "") or "")
+        if module is not None and not _importable_by_workers(module):
+            by_value(module)
+
+
+def _importable_by_workers(module: ModuleType) -> bool:
+    name, file = module.__name__, getattr(module, "__file__", None)
+    if name == "__main__" or file is None:
+        return True  # __main__ already travels by value; builtins are everywhere
+    path = os.path.realpath(file)
+    installed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}
+    # Ray puts the driver's working and script directories on workers' paths.
+    driver = {os.path.realpath(os.getcwd()), os.path.realpath(os.path.dirname(sys.argv[0] or "."))}
+    depth = name.count(".") + (1 if os.path.basename(path).startswith("__init__.") else 0)
+    root = os.path.dirname(path)
+    for _ in range(depth):
+        root = os.path.dirname(root)
+    return root in driver or any(path.startswith(p + os.sep) for p in installed)
+
+
+def check_feasible(label: str, options: dict[str, object], what: str) -> None:
+    """Fail at deploy, naming the step, when no node of the cluster could
+    ever run one `what` (task, replica) with these resources: Ray would
+    otherwise keep it pending, and a call would wait forever.
+
+    Nodes an autoscaler has yet to add are not counted (docs/backends.md).
+    """
+    needs = {"CPU": float(options.get("num_cpus", 1.0)), "GPU": float(options.get("num_gpus", 0.0))}  # type: ignore[arg-type]
+    list_nodes: Any = ray.nodes
+    nodes: list[dict[str, float]] = [n.get("Resources", {}) for n in list_nodes() if n.get("Alive")]
+    if any(all(res.get(k, 0.0) >= v for k, v in needs.items() if v > 0) for res in nodes):
+        return
+    largest: dict[str, float] = max(nodes, key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)), default={})
+    have = ", ".join(f"{k}={largest.get(k, 0.0):g}" for k in needs)
+    want = ", ".join(f"{k}={v:g}" for k, v in needs.items())
+    raise PlacementError(
+        f"step {label!r}: one {what} needs {want}, but no node of the Ray cluster has that much "
+        f"(largest node: {have}); lower num_cpus/num_gpus on the step, or run on a cluster with such a node"
+    )
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """What the caller knows of one live actor replica."""
+
+    label: str  # the unit's name in errors
+    node_ids: tuple[int, ...]  # the graph nodes the unit serves
+    index: int  # replica number within its pool
+    pid: int | None
+    on_death: Callable[[], None]  # tells the pool to replace the replica
+
+
+_replicas: dict[str, ReplicaInfo] = {}
+
+
+def register_replica(actor_id: str, info: ReplicaInfo) -> None:
+    """Record a live replica (ray_actors.py does, at start)."""
+    _replicas[actor_id] = info
+
+
+def forget_replica(actor_id: str) -> None:
+    """Drop a replica from the registry (it was killed or replaced)."""
+    _replicas.pop(actor_id, None)
+
+
+def step_error(exc: BaseException, graph: Graph, node_id: int) -> BaseException:
+    """The error a user sees for `exc`, raised while fetching node `node_id`.
+
+    A step's own exception arrives as the StepError the worker built. An
+    actor's death is named after the replica's step, found by actor id
+    (the node being fetched may only have read the dead replica's value).
+    Any other Ray failure (a task's worker crashed, an object was lost) is
+    reported against the node being fetched.
+    """
+    if not isinstance(exc, ray.exceptions.RayError):
+        return exc
+    cause: BaseException = exc
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause if exc.cause is not None else exc
+        if isinstance(cause, StepError):
+            return cause
+    if isinstance(cause, ray.exceptions.RayActorError):
+        info = _replicas.get(cause.actor_id or "")
+        if info is not None:
+            info.on_death()
+            nid = node_id if node_id in info.node_ids else info.node_ids[0]
+            pid = f", pid {info.pid}" if info.pid is not None else ""
+            return StepError(
+                info.label,
+                nid,
+                cause,
+                message=(
+                    f"step {info.label!r} (node %{nid}): replica {info.index}{pid} died while running "
+                    f"this call ({_first_line(cause)}); a new replica takes its place for later calls"
+                ),
+            )
+    label = node_label(graph, node_id)
+    what = f"{type(cause).__name__}: {_first_line(cause)}"
+    if cause is not exc:
+        # Ray wrapped a system error into this node's result: it did not
+        # run because an input of it was lost (e.g. an upstream task's
+        # worker crashed). Ray does not say which input.
+        message = f"step {label!r} (node %{node_id}) could not run: an input it depends on failed in Ray ({what})"
+    else:
+        message = f"step {label!r} (node %{node_id}) failed in Ray: {what}"
+    return StepError(label, node_id, cause, message=message)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def runtime_globals(graph: Graph) -> dict[str, object]:
+    """The helpers generated code uses to fetch remote values."""
+
+    def _get(ref: Any, node_id: int) -> object:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as e:
+            error = step_error(e, graph, node_id)
+        # Raised outside the except block: the Ray error stays out of the chain.
+        raise error
+
+    def _get_many(refs: Sequence[Any], ids: Sequence[int]) -> list[object]:
+        try:
+            return list(ray.get(list(refs)))
+        except ray.exceptions.RayError:
+            pass
+        # Fetch one by one, in order, to name the first node that failed.
+        for ref, node_id in zip(refs, ids):
+            _get(ref, node_id)
+        raise AssertionError("ray.get failed on the batch but on no single ref")
+
+    async def _aget(ref: Any, node_id: int) -> object:
+        try:
+            return await ref
+        except ray.exceptions.RayError as e:
+            error = step_error(e, graph, node_id)
+        raise error
+
+    async def _aget_many(refs: Sequence[Any], ids: Sequence[int]) -> list[object]:
+        results = await asyncio.gather(*refs, return_exceptions=True)
+        for result, node_id in zip(results, ids):
+            if isinstance(result, BaseException):
+                raise step_error(result, graph, node_id)
+        return list(results)
+
+    return {"_get": _get, "_aget": _aget, "_get_many": _get_many, "_aget_many": _aget_many}

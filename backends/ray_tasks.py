@@ -1,0 +1,124 @@
+"""The TASKS backend: each remote call is one Ray task.
+
+One remote function per step (per fused group), made at deploy with the
+step's resources; every node calling that step submits a task to it, with
+its own node id first so that an error names the right node:
+
+    v2 = r_double.submit(2, v1)      # an ObjectRef; v1 may be one too
+
+ObjectRefs go straight into downstream calls, so Ray moves values between
+workers without the caller fetching anything in between. Tasks are never
+retried (`max_retries=0`): a step with side effects must not run twice
+behind the user's back. A class step on TASKS is built once, at deploy, in
+the caller (its constructor runs there, as in LOCAL mode) and the instance
+is shipped to workers with the remote function; each worker process keeps
+its own copy, so state a call mutates is not shared between calls.
+
+This module places tasks only where the IR says (resources, `colocate`);
+it decides nothing itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from pipeline_ir.backends.ray_runtime import check_feasible, ship_code
+from pipeline_ir.backends.serialization import ensure_registered
+from pipeline_ir.backends.worker import Unit
+from pipeline_ir.ir.graph import Graph
+from pipeline_ir.ir.nodes import Call, Fused
+from pipeline_ir.trace import Bindings
+
+
+def submit_expr(node: Call | Fused, callee: str, args: str) -> str:
+    """`callee.submit(node_id, args...)`: how both Ray launchers spell a call."""
+    return f"{callee}.submit({node.id}{', ' + args if args else ''})"
+
+
+def resource_options(num_cpus: float | None, num_gpus: float | None) -> dict[str, object]:
+    """Ray options for the resources the IR declares (None: Ray's default)."""
+    options: dict[str, object] = {}
+    if num_cpus is not None:
+        options["num_cpus"] = num_cpus
+    if num_gpus is not None:
+        options["num_gpus"] = num_gpus
+    return options
+
+
+def colocate_strategy(label: str | None, colocation: dict[str, str]) -> dict[str, object]:
+    """Ray options putting work with a colocate label on the label's node.
+
+    The first unit placed with a label fixes its node (actors are placed
+    first, at deploy; a label only tasks carry takes the caller's node).
+    Affinity is soft: when that node lacks the resources Ray places the work
+    elsewhere rather than never (docs/backends.md)."""
+    if label is None:
+        return {}
+    node = colocation.setdefault(label, ray.get_runtime_context().get_node_id())
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=True)}
+
+
+class Task:
+    """The callee generated code holds for one step (or fused group)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def submit(self, node_id: int, *args: object, **kwargs: object) -> Any:
+        """Start one task; returns its ObjectRef."""
+        ensure_registered()  # torch may have been imported since deploy
+        return self.fn.remote(node_id, *args, **kwargs)
+
+
+def _remote_function(unit: Unit, options: Mapping[str, object]) -> Any:
+    def run(node_id: int, *args: object, **kwargs: object) -> object:
+        return unit(node_id, *args, **kwargs)
+
+    # Ray names the worker process and its errors after the function.
+    run.__name__ = run.__qualname__ = unit.label.replace("+", "_")
+    remote: Any = ray.remote
+    return remote(**options)(run)
+
+
+class TaskLauncher:
+    """Spells TASKS nodes as Ray task submissions."""
+
+    remote = True
+
+    def __init__(self, graph: Graph, bindings: Bindings, colocation: dict[str, str] | None = None) -> None:
+        self.graph = graph
+        self.bindings = bindings
+        self.colocation = {} if colocation is None else colocation
+        self.tasks: dict[str | int, Task] = {}
+        ship_code(b.target for b in bindings.steps.values())
+        # Class steps are built now, so a constructor error fails deploy()
+        # as it does in LOCAL mode, and each constructor runs once.
+        for node in graph.nodes:
+            if isinstance(node, Call) and graph.step(node.step).mode == "tasks" or isinstance(node, Fused) and node.mode == "tasks":
+                self.callee(node)
+
+    def callee(self, node: Call | Fused) -> Task:
+        key: str | int = node.step if isinstance(node, Call) else node.id
+        task = self.tasks.get(key)
+        if task is None:
+            unit = Unit.of(self.graph, node, self.bindings)
+            unit.build()
+            if isinstance(node, Call):
+                spec = self.graph.step(node.step)
+                cpus, gpus, label = spec.num_cpus, spec.num_gpus, spec.colocate
+            else:
+                cpus, gpus, label = node.num_cpus, node.num_gpus, node.colocate
+            resources = resource_options(cpus, gpus)
+            check_feasible(unit.label, resources, "task")
+            options = {"max_retries": 0, **resources, **colocate_strategy(label, self.colocation)}
+            task = self.tasks[key] = Task(_remote_function(unit, options))
+        return task
+
+    def expr(self, node: Call | Fused, callee: str, args: str) -> str:
+        return submit_expr(node, callee, args)

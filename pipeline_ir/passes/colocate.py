@@ -1,0 +1,225 @@
+"""colocate: tensors handed between remote units stay on one node.
+
+After fusion, an edge that carries a torch tensor or numpy array between
+two remote units (TASKS or ACTORS calls, or fused groups) that stayed
+separate still crosses processes. This pass gives both ends a shared
+`colocate` label (on the StepSpec of a call, on the Fused node of a
+group); the Ray backend schedules units with one label on the same Ray
+node, so the tensor moves through that node's shared-memory object store
+rather than over the network. Labels are preferences, not requirements:
+a unit that does not fit on the node runs elsewhere.
+
+Rules:
+
+- an edge is a tensor edge when the value's type, or failing that the
+  parameter's type, is `torch.Tensor` or `numpy.ndarray` (a subclass, or
+  a union with one of them); untyped edges are not labelled;
+- a label joins whole units: a step's calls share one StepSpec (one pool),
+  so all of them carry its label, and labels spread along chains of tensor
+  edges (union-find);
+- edges from or to LOCAL nodes are not labelled: the caller's process is
+  not a Ray unit to schedule;
+- a tensor read through a projection passes through the caller (the
+  projection runs there), so it is reported and not labelled.
+
+Each tensor edge between separate remote units gets one line in the
+records saying why it stayed a cross-process hop (fusion did not merge
+its ends) and what was done about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+from pipeline_ir.ir.graph import Graph
+from pipeline_ir.ir.nodes import AnyNode, Call, Fused, Mode, Project, StepSpec, node_inputs
+from pipeline_ir.ir.printer import node_label
+from pipeline_ir.ir.types import ANY, TypeRef, render
+from pipeline_ir.passes.grouping import gpu_class
+from pipeline_ir.passes.manager import PassResult
+
+TENSOR_TYPES = frozenset({"torch.Tensor", "numpy.ndarray"})
+
+Unit = tuple[str, str]  # ("step", key) or ("fused", id): what a label is set on
+
+
+def is_tensor(t: TypeRef) -> bool:
+    """Whether a value of type `t` may be a torch tensor or numpy array."""
+    if t.name == "typing.Union":
+        return any(is_tensor(a) for a in t.args)
+    return t.name in TENSOR_TYPES or any(b in TENSOR_TYPES for b in t.bases)
+
+
+@dataclass(frozen=True)
+class _Remote:
+    """What the pass needs to know of one remote node."""
+
+    unit: Unit
+    mode: Mode
+    replicas: int
+    gpus: float
+    steps: tuple[StepSpec, ...]
+
+
+def _remote(graph: Graph, node: AnyNode) -> _Remote | None:
+    match node:
+        case Call(step=key):
+            s = graph.step(key)
+            if s.mode == "local":
+                return None
+            return _Remote(("step", key), s.mode, s.num_replicas, gpu_class(s), (s,))
+        case Fused(mode=mode) if mode != "local":
+            steps = tuple(graph.step(b.step) for b in node.body if isinstance(b, Call))
+            return _Remote(("fused", str(node.id)), mode, node.num_replicas, node.num_gpus or 0.0, steps)
+        case _:
+            return None
+
+
+def _param_type(step: StepSpec, position: int | str) -> TypeRef:
+    """The declared type of the parameter an argument binds to (Any if unknown)."""
+    if isinstance(position, int):
+        positional = [p for p in step.params if p.kind == "positional"]
+        return positional[position].type if position < len(positional) else ANY
+    return next((p.type for p in step.params if p.name == position and p.kind != "var_positional"), ANY)
+
+
+def _edges(graph: Graph, node: Call | Fused) -> list[tuple[int, TypeRef]]:
+    """(source id, type) of each value `node` reads, typed by the value or
+    else by the parameter it is passed to."""
+    if isinstance(node, Fused):
+        return [(i, graph.node(i).type) for i in node.inputs]
+    step = graph.step(node.step)
+    bound: list[tuple[int, int | str]] = [(a, i) for i, a in enumerate(node.args)]
+    bound += [(v, k) for k, v in node.kwargs]
+    out = []
+    for source, position in bound:
+        t = graph.node(source).type
+        out.append((source, t if t != ANY else _param_type(step, position)))
+    return out
+
+
+def _why_apart(graph: Graph, a: _Remote, b: _Remote, source: int, consumer: int, readers: dict[int, list[int]]) -> str:
+    """Why fusion left the producer `a` (node `source`) and the consumer `b`
+    (node `consumer`) in separate processes: the first rule that kept them apart."""
+    if a.mode != b.mode:
+        return f"one end runs as {a.mode}, the other as {b.mode}"
+    nofuse = sorted({s.name for s in a.steps + b.steps if not s.fuse})
+    if nofuse:
+        return f"{', '.join(nofuse)} {'has' if len(nofuse) == 1 else 'have'} fuse=False"
+    if a.gpus != b.gpus:
+        return f"GPU boundary (gpu={a.gpus:g} vs gpu={b.gpus:g})"
+    if a.mode == "actors" and a.replicas != b.replicas:
+        return f"replica counts differ (x{a.replicas} vs x{b.replicas})"
+    distinct = set(readers[source])
+    if len(distinct) > 1:
+        others = sorted(distinct - {-1})
+        used = ", ".join(f"%{r}" for r in others) + (" and the caller" if -1 in distinct else "")
+        return f"%{source} has several readers ({used}), and a fused group has one output"
+    if a.mode == "actors":
+        shared = sorted({s.name for s in a.steps + b.steps if _calls(graph, s.key) - {source, consumer}})
+        if shared:
+            return f"{', '.join(shared)} also {'runs' if len(shared) == 1 else 'run'} elsewhere, and one step's replica pool is never split"
+    return "no fusion pass merged them (fuse_tasks / colocate_actors did not run)"
+
+
+def _calls(graph: Graph, key: str) -> set[int]:
+    """Ids of the top-level nodes that call step `key` (a call, or a fused
+    group with such a call in its body)."""
+    out: set[int] = set()
+    for n in graph.nodes:
+        if isinstance(n, Call) and n.step == key:
+            out.add(n.id)
+        elif isinstance(n, Fused) and any(isinstance(b, Call) and b.step == key for b in n.body):
+            out.add(n.id)
+    return out
+
+
+def _readers(graph: Graph) -> dict[int, list[int]]:
+    readers: dict[int, list[int]] = {n.id: [] for n in graph.nodes}
+    for n in graph.nodes:
+        for i in node_inputs(n):
+            readers[i].append(n.id)
+    for o in graph.outputs:
+        readers[o].append(-1)
+    return readers
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[Unit, Unit] = {}
+
+    def find(self, u: Unit) -> Unit:
+        self.parent.setdefault(u, u)
+        while self.parent[u] != u:
+            self.parent[u] = self.parent[self.parent[u]]
+            u = self.parent[u]
+        return u
+
+    def union(self, a: Unit, b: Unit) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def colocate(graph: Graph) -> PassResult:
+    """Label the two ends of every tensor edge between separate remote units."""
+    readers = _readers(graph)
+    by_id = {n.id: n for n in graph.nodes}
+    groups = _UnionFind()
+    labelled: list[tuple[Unit, str]] = []  # (consumer unit, record line), in order
+    notes: list[str] = []
+    for node in graph.nodes:
+        b = _remote(graph, node)
+        if b is None or not isinstance(node, (Call, Fused)):
+            continue
+        for source, t in _edges(graph, node):
+            if not is_tensor(t):
+                continue
+            origin, via = source, None
+            while isinstance(projection := by_id[origin], Project):
+                via = origin if via is None else via
+                origin = projection.source
+            a = _remote(graph, by_id[origin])
+            if a is None or a.unit == b.unit:
+                continue
+            edge = f"%{origin} -> %{node.id} ({render(t)}, {node_label(graph, origin)} -> {node_label(graph, node.id)})"
+            if via is not None:
+                notes.append(f"left {edge} remote: the value is projected by %{via} in the caller, so it goes through the caller")
+                continue
+            groups.union(a.unit, b.unit)
+            labelled.append((b.unit, f"{edge} stays a cross-process hop: {_why_apart(graph, a, b, origin, node.id, readers)}"))
+    if not labelled:
+        return PassResult(graph, tuple(notes))
+    labels = _name_components(graph, groups)
+    new_graph = _apply(graph, labels)
+    lines = [f"{line}; colocate={labels[u]} puts both ends on one node" for u, line in labelled]
+    return PassResult(new_graph, tuple(lines + notes))
+
+
+def _name_components(graph: Graph, groups: _UnionFind) -> dict[Unit, str]:
+    """`c1`, `c2`, ... in the order the components first appear in the graph."""
+    names: dict[Unit, str] = {}
+    labels: dict[Unit, str] = {}
+    for node in graph.nodes:
+        r = _remote(graph, node)
+        if r is None or r.unit not in groups.parent:
+            continue
+        root = groups.find(r.unit)
+        labels[r.unit] = names.setdefault(root, f"c{len(names) + 1}")
+    return labels
+
+
+def _apply(graph: Graph, labels: dict[Unit, str]) -> Graph:
+    steps = tuple(
+        msgspec.structs.replace(s, colocate=labels[("step", s.key)]) if ("step", s.key) in labels and s.colocate != labels[("step", s.key)] else s
+        for s in graph.steps
+    )
+    nodes = tuple(
+        msgspec.structs.replace(n, colocate=labels[("fused", str(n.id))])
+        if isinstance(n, Fused) and ("fused", str(n.id)) in labels and n.colocate != labels[("fused", str(n.id))]
+        else n
+        for n in graph.nodes
+    )
+    if steps == graph.steps and nodes == graph.nodes:
+        return graph
+    return msgspec.structs.replace(graph, steps=steps, nodes=nodes)
