@@ -10,9 +10,12 @@ ObjectRefs go straight into downstream calls, so Ray moves values between
 workers without the caller fetching anything in between. Tasks are never
 retried (`max_retries=0`): a step with side effects must not run twice
 behind the user's back. A class step on TASKS is built once, at deploy, in
-the caller (its constructor runs there, as in LOCAL mode) and the instance
-is shipped to workers with the remote function; each worker process keeps
-its own copy, so state a call mutates is not shared between calls.
+the caller (its constructor runs there, as in LOCAL mode). The built unit
+is put in the object store once and each call passes its ObjectRef, so a
+large model never rides inside the remote function (Ray caps those near
+100 MiB); each worker process fetches it on first use and keeps its own
+copy (the last few units), so state a call mutates is not shared between
+calls.
 
 This module places tasks only where the IR says (resources, `colocate`);
 it decides nothing itself.
@@ -20,6 +23,7 @@ it decides nothing itself.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,20 +69,43 @@ def colocate_strategy(label: str | None, colocation: dict[str, str]) -> dict[str
 class Task:
     """The callee generated code holds for one step (or fused group)."""
 
-    __slots__ = ("fn",)
+    __slots__ = ("fn", "unit")
 
-    def __init__(self, fn: Any) -> None:
+    def __init__(self, fn: Any, unit: Any) -> None:
         self.fn = fn
+        # In a list: Ray resolves top-level ObjectRef arguments, not nested
+        # ones, so the worker gets the ref and fetches the unit only once.
+        self.unit = [unit]
 
     def submit(self, node_id: int, *args: object, **kwargs: object) -> Any:
         """Start one task; returns its ObjectRef."""
         ensure_registered()  # torch may have been imported since deploy
-        return self.fn.remote(node_id, *args, **kwargs)
+        return self.fn.remote(self.unit, node_id, *args, **kwargs)
+
+
+# Per worker process: the units it ran lately, by ObjectRef. Bounded, since
+# a long-lived worker serves pipelines deployed one after another.
+_UNITS: collections.OrderedDict[bytes, Unit] = collections.OrderedDict()
+_UNITS_KEPT = 4
+
+
+def _unit(box: list[Any]) -> Unit:
+    ref = box[0]
+    key = ref.binary()
+    unit = _UNITS.get(key)
+    if unit is None:
+        unit = ray.get(ref)
+        _UNITS[key] = unit
+        while len(_UNITS) > _UNITS_KEPT:
+            _UNITS.popitem(last=False)
+    else:
+        _UNITS.move_to_end(key)
+    return unit
 
 
 def _remote_function(unit: Unit, options: Mapping[str, object]) -> Any:
-    def run(node_id: int, *args: object, **kwargs: object) -> object:
-        return unit(node_id, *args, **kwargs)
+    def run(box: list[Any], node_id: int, *args: object, **kwargs: object) -> object:
+        return _unit(box)(node_id, *args, **kwargs)
 
     # Ray names the worker process and its errors after the function.
     run.__name__ = run.__qualname__ = unit.label.replace("+", "_")
@@ -117,7 +144,7 @@ class TaskLauncher:
             resources = resource_options(cpus, gpus)
             check_feasible(unit.label, resources, "task")
             options = {"max_retries": 0, **resources, **colocate_strategy(label, self.colocation)}
-            task = self.tasks[key] = Task(_remote_function(unit, options))
+            task = self.tasks[key] = Task(_remote_function(unit, options), ray.put(unit))
         return task
 
     def expr(self, node: Call | Fused, callee: str, args: str) -> str:

@@ -32,6 +32,7 @@ every worker, most of which never see a tensor.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import warnings
@@ -47,7 +48,18 @@ _lock = threading.Lock()
 # torch warns, once per process, that a tensor over read-only memory is
 # writable from torch. Receiving such tensors is this module's purpose and
 # is documented, so that one warning is silenced; torch never repeats it.
-_silenced = False
+
+
+# A received tensor views the read-only object-store buffer on purpose
+# (docs/backends.md), and torch warns about that once per process. Set at
+# import: a worker deserializes our payloads through this module before it
+# registers anything. The filter matches only warnings raised from here.
+warnings.filterwarnings(
+    "ignore",
+    message="The given NumPy array is not writable",
+    category=UserWarning,
+    module=re.escape(__name__),
+)
 
 
 def ensure_registered() -> None:
@@ -142,14 +154,7 @@ def deserialize_tensor(payload: tuple[Any, ...]) -> torch.Tensor:
 
 
 def _from_numpy(array: np.ndarray[Any, Any]) -> torch.Tensor:
-    global _silenced
-    if _silenced:
-        return _torch().from_numpy(array)  # type: ignore[no-any-return]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-        t: torch.Tensor = _torch().from_numpy(array)
-    _silenced = True
-    return t
+    return _torch().from_numpy(array)  # type: ignore[no-any-return]
 
 
 def _torch() -> Any:

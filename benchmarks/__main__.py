@@ -1,0 +1,216 @@
+"""Run the benchmarks: `python -m benchmarks [NAME...]` (also `make bench`).
+
+Discovers every `bench_*.py` module of this package (or runs only the NAMEs
+given, with or without the `bench_` prefix), runs them one after another in
+this process, and writes
+
+    benchmarks/results/latest.json     the machine, the date and every result
+    benchmarks/results/latest.md       the same as Markdown tables (for docs/benchmarks.md)
+    benchmarks/results/NAME.png        one bar chart per benchmark
+
+Each module exposes `run() -> dict` returning
+
+    {"name": str, "title": str, "unit": str,
+     "rows": [{"label": str, "value": float}, ...],
+     "ratios": {str: float},
+     "notes": str,
+     "skipped": {label: reason}}          # optional: rows that could not run
+
+A benchmark that raises is recorded with its error and the others still run;
+the exit status is 1 when any did. A run of a subset writes latest.json with
+that subset only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import importlib.metadata
+import json
+import os
+import pkgutil
+import platform
+import sys
+import textwrap
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+REQUIRED = {"name": str, "title": str, "unit": str, "rows": list, "ratios": dict, "notes": str}
+
+
+def discover() -> list[str]:
+    """The benchmark modules of this package, by name (`bench_...`)."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(HERE)]) if m.name.startswith("bench_"))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "ray": _version("ray"),
+        "torch": _version("torch"),
+        "numpy": _version("numpy"),
+        "pipeline_ir": _version("pipeline-ir"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def check(result: object, module: str) -> dict[str, Any]:
+    """`result` if it has the documented shape, else a TypeError naming what is wrong."""
+    if not isinstance(result, dict):
+        raise TypeError(f"{module}.run() returned {type(result).__name__}, not a dict")
+    for key, kind in REQUIRED.items():
+        if not isinstance(result.get(key), kind):
+            raise TypeError(f"{module}.run(): {key!r} must be a {kind.__name__}, got {result.get(key)!r}")
+    for row in result["rows"]:
+        if not (isinstance(row, dict) and isinstance(row.get("label"), str) and isinstance(row.get("value"), (int, float))):
+            raise TypeError(f"{module}.run(): each row needs a str 'label' and a float 'value', got {row!r}")
+    result.setdefault("skipped", {})
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """One horizontal bar chart of the rows, values written on the bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [r["label"] for r in rows] + [f"{label} (not run)" for label in result["skipped"]]
+    values = [float(r["value"]) for r in rows] + [0.0] * len(result["skipped"])
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.38 * max(1, len(labels))))
+    bars = ax.barh(range(len(labels)), values, color=["#4477aa"] * len(rows) + ["#bbbbbb"] * len(result["skipped"]))
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(result["unit"])
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) / min(positive) > 100:
+        ax.set_xscale("log")
+    for bar, value in zip(bars, values):
+        if value > 0:
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:.3g}", va="center", fontsize=7)
+    ratios = textwrap.fill(", ".join(f"{k}: {v:.2f}" for k, v in result["ratios"].items()), 120)
+    ax.set_title(textwrap.fill(result["title"], 110) + (f"\n{ratios}" if ratios else ""), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: the machine, then one table per benchmark."""
+    m = report["machine"]
+    lines = [
+        f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; "
+        f"Python {m['python']}, Ray {m['ray']}, torch {m['torch']}, numpy {m['numpy']}.",
+    ]
+    for result in report["benchmarks"]:
+        lines += ["", f"### {result['name']}", ""]
+        if "error" in result:
+            lines.append(f"Did not run: `{result['error'].strip().splitlines()[-1]}`")
+            continue
+        lines += [f"{result['title']}", "", f"| | {result['unit']} |", "|---|---:|"]
+        lines += [f"| {row['label']} | {row['value']:.4g} |" for row in result["rows"]]
+        lines += [f"| {label} | not run: {reason} |" for label, reason in result["skipped"].items()]
+        if result["ratios"]:
+            lines += ["", "| ratio | |", "|---|---:|"]
+            lines += [f"| {key} | {value:.2f} |" for key, value in result["ratios"].items()]
+        if result["notes"]:
+            lines += ["", f"Notes: {result['notes']}"]
+    return "\n".join(lines) + "\n"
+
+
+def run_one(module_name: str) -> dict[str, Any]:
+    """Import and run one benchmark; an exception becomes an error record."""
+    start = time.perf_counter()
+    try:
+        module = importlib.import_module(f"benchmarks.{module_name}")
+        result = check(module.run(), module_name)
+    except Exception:
+        print(f"  FAILED:\n{traceback.format_exc()}", file=sys.stderr)
+        return {"name": module_name.removeprefix("bench_"), "error": traceback.format_exc(limit=3), "seconds": round(time.perf_counter() - start, 1)}
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("names", nargs="*", help="benchmarks to run (default: all): local_overhead, anchors, ...")
+    args = parser.parse_args(argv)
+    available = discover()
+    chosen = [n if n.startswith("bench_") else f"bench_{n}" for n in args.names] or available
+    unknown = [n for n in chosen if n not in available]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(n.removeprefix('bench_') for n in available)}")
+
+    RESULTS.mkdir(exist_ok=True)
+    report: dict[str, Any] = {"machine": machine(), "benchmarks": []}
+    for name in chosen:
+        print(f"== {name}", flush=True)
+        result = run_one(name)
+        report["benchmarks"].append(result)
+        if "error" in result:
+            continue
+        for row in result["rows"]:
+            print(f"  {row['label']:<48} {row['value']:>12.4g} {result['unit']}")
+        for label, reason in result["skipped"].items():
+            print(f"  {label:<48} not run: {reason}")
+        for key, value in result["ratios"].items():
+            print(f"  ratio {key}: {value:.2f}")
+        if result["notes"]:
+            print(f"  notes: {result['notes']}")
+        plot(result, RESULTS / f"{result['name']}.png")
+        print(f"  ({result['seconds']} s)", flush=True)
+
+    _shutdown_ray()
+    for out, text in ((RESULTS / "latest.json", json.dumps(report, indent=2) + "\n"), (RESULTS / "latest.md", markdown(report))):
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    print(f"wrote {RESULTS.relative_to(HERE.parent)}/latest.json, latest.md and the charts")
+    return 1 if any("error" in r for r in report["benchmarks"]) else 0
+
+
+def _shutdown_ray() -> None:
+    """Benchmarks share one Ray instance (whoever needs it first starts it);
+    it ends with the run."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
