@@ -1,0 +1,92 @@
+"""What the passes buy on a model-shaped chain: tensors between the steps,
+a small answer at the end.
+
+    embed(x: int) -> Tensor[n]  ->  model(Tensor) -> Tensor  ->  head(Tensor) -> float
+
+Three class steps, all ACTORS (then all TASKS), compiled with
+`optimize=False` (three processes, the tensors cross the object store
+twice per call) and with the default passes (colocate_actors / fuse_tasks
+make one unit: the tensors never leave its process). The tensor size is
+swept from none (a one-element tensor) to 16 MB, since the saving is the
+hand-off. Per row: warm-up calls, then the median over REPEATS of the mean
+latency of BATCH sequential calls.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import pipeline_ir as pipeline
+
+REPEATS = 5
+BATCH = 20
+WARMUP = 3
+SIZES = {"4 B": 1, "256 KB": 2**16, "4 MB": 2**20, "16 MB": 2**22}
+
+
+class Embed:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, x: int) -> torch.Tensor:
+        return torch.full((self.n,), float(x))
+
+
+class Model:
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return t.mul(2.0)
+
+
+class Head:
+    def __call__(self, t: torch.Tensor) -> float:
+        return float(t[::1024].sum())
+
+
+def per_call_ms(call: Callable[[object], object]) -> float:
+    for _ in range(WARMUP):
+        call(1)
+    samples = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        for _ in range(BATCH):
+            call(1)
+        samples.append((time.perf_counter() - start) / BATCH * 1e3)
+    return statistics.median(samples)
+
+
+def run() -> dict[str, Any]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    rows: dict[str, float] = {}
+    ratios: dict[str, float] = {}
+    explained: dict[str, str] = {}
+    for mode in ("actors", "tasks"):
+        embed, model, head = (pipeline.step(execution_mode=mode)(c) for c in (Embed, Model, Head))
+        for size_label, n in SIZES.items():
+            chain = head()(model()(embed(n)(pipeline.INPUT)))
+            for optimize in (False, True):
+                label = f"{mode}, {size_label}" + ("" if optimize else ", optimize=False")
+                compiled = pipeline.compile(chain, optimize=optimize)
+                explained[mode] = compiled.explain() if optimize else explained.get(mode, "")
+                with compiled.deploy() as p:
+                    rows[label] = per_call_ms(p.call)
+            ratios[f"{mode}, {size_label}: speed-up from passes"] = rows[f"{mode}, {size_label}, optimize=False"] / rows[f"{mode}, {size_label}"]
+    rewrites = {m: [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- ")] for m, text in explained.items()}
+    return {
+        "name": "passes",
+        "title": "3 class steps passing tensors (embed -> model -> head), latency per call, without and with passes",
+        "unit": "ms per call",
+        "rows": [{"label": label, "value": value} for label, value in rows.items()],
+        "ratios": ratios,
+        "notes": (
+            f"median of {REPEATS} batches of {BATCH} sequential calls; "
+            + " / ".join(f"passes on {m}: {'; '.join(r)}" for m, r in rewrites.items())
+        ),
+    }
