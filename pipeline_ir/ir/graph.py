@@ -13,6 +13,9 @@ import msgspec
 from pipeline_ir.ir.nodes import AnyNode, Fused, StepSpec, node_inputs
 
 
+CALLER = -1  # the reader of a graph output, in `Graph.readers()`
+
+
 class Graph(msgspec.Struct, frozen=True, kw_only=True):
     """A pipeline in the IR.
 
@@ -62,14 +65,17 @@ class Graph(msgspec.Struct, frozen=True, kw_only=True):
             out.append(n)
         return tuple(out)
 
-    def users(self) -> dict[int, list[int]]:
-        """For each top-level node id, the ids of top-level nodes reading it
-        (one entry per reading, so a node read twice appears twice)."""
-        users: dict[int, list[int]] = {n.id: [] for n in self.nodes}
+    def readers(self) -> dict[int, list[int]]:
+        """For each top-level node id, the ids of top-level nodes reading it,
+        one entry per reading (a node read twice appears twice); a graph
+        output is also read by the caller, recorded as `CALLER`."""
+        readers: dict[int, list[int]] = {n.id: [] for n in self.nodes}
         for n in self.nodes:
             for i in node_inputs(n):
-                users[i].append(n.id)
-        return users
+                readers[i].append(n.id)
+        for o in self.outputs:
+            readers[o].append(CALLER)
+        return readers
 
     # -- serialized forms --
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from pipeline_ir.ir.graph import Graph
-from pipeline_ir.ir.nodes import AnyNode, Call, Fused, Mode, Project, StepSpec, node_inputs
+from pipeline_ir.ir.graph import CALLER, Graph
+from pipeline_ir.ir.nodes import AnyNode, Call, Fused, Mode, Project, StepSpec
 from pipeline_ir.ir.printer import node_label
 from pipeline_ir.ir.types import ANY, TypeRef, render
 from pipeline_ir.passes.grouping import gpu_class
@@ -114,8 +114,8 @@ def _why_apart(graph: Graph, a: _Remote, b: _Remote, source: int, consumer: int,
         return f"replica counts differ (x{a.replicas} vs x{b.replicas})"
     distinct = set(readers[source])
     if len(distinct) > 1:
-        others = sorted(distinct - {-1})
-        used = ", ".join(f"%{r}" for r in others) + (" and the caller" if -1 in distinct else "")
+        others = sorted(distinct - {CALLER})
+        used = ", ".join(f"%{r}" for r in others) + (" and the caller" if CALLER in distinct else "")
         return f"%{source} has several readers ({used}), and a fused group has one output"
     if a.mode == "actors":
         shared = sorted({s.name for s in a.steps + b.steps if _calls(graph, s.key) - {source, consumer}})
@@ -136,16 +136,6 @@ def _calls(graph: Graph, key: str) -> set[int]:
     return out
 
 
-def _readers(graph: Graph) -> dict[int, list[int]]:
-    readers: dict[int, list[int]] = {n.id: [] for n in graph.nodes}
-    for n in graph.nodes:
-        for i in node_inputs(n):
-            readers[i].append(n.id)
-    for o in graph.outputs:
-        readers[o].append(-1)
-    return readers
-
-
 class _UnionFind:
     def __init__(self) -> None:
         self.parent: dict[Unit, Unit] = {}
@@ -163,7 +153,7 @@ class _UnionFind:
 
 def colocate(graph: Graph) -> PassResult:
     """Label the two ends of every tensor edge between separate remote units."""
-    readers = _readers(graph)
+    readers = graph.readers()
     by_id = {n.id: n for n in graph.nodes}
     groups = _UnionFind()
     labelled: list[tuple[Unit, str]] = []  # (consumer unit, record line), in order

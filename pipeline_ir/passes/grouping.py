@@ -62,19 +62,9 @@ def combined_gpus(steps: list[StepSpec]) -> float | None:
     return share or None
 
 
-def _readings(graph: Graph) -> dict[int, list[int]]:
-    readers: dict[int, list[int]] = {n.id: [] for n in graph.nodes}
-    for n in graph.nodes:
-        for i in node_inputs(n):
-            readers[i].append(n.id)
-    for o in graph.outputs:
-        readers[o].append(-1)  # the caller reads outputs
-    return readers
-
-
 def find_groups(graph: Graph, group_class: GroupClass) -> list[list[int]]:
     """Groups of node ids (in topological order) of two calls or more."""
-    readers = _readings(graph)
+    readers = graph.readers()
     by_id = {n.id: n for n in graph.nodes}
     group_of: dict[int, int] = {}  # node id -> group key (id of its first node)
     members: dict[int, list[int]] = {}
