@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 import time
@@ -104,6 +105,18 @@ def test_replicas_spread_route_least_loaded_and_end_with_shutdown() -> None:
     assert not [pid for pid in set(pids) if _alive(pid)]
     with pytest.raises(pipeline.PipelineError, match="shut down"):
         p.call(1)
+
+
+def test_garbage_collection_of_a_pipeline_ends_its_actors() -> None:
+    p = Worker("gc")(pipeline.INPUT).deploy()
+    pids = {p.call(i)[1] for i in range(6)}  # type: ignore[index]
+    assert len(pids) == 3
+    del p
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while [pid for pid in pids if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in pids if _alive(pid)]
 
 
 # -- errors --
