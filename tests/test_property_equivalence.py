@@ -472,19 +472,19 @@ def check_on_ray(backend: str | None, recipe: Recipe, xs: list[int]) -> None:
             _record(compiled.source_graph, compiled.graph, expected)
 
 
-@settings(RAY_SETTINGS, max_examples=40)
+@settings(RAY_SETTINGS, max_examples=60)
 @given(recipe=recipes(max_steps=6, allow_gpu=False), xs=RAY_INPUTS)
 def test_ray_tasks_backend_matches_the_reference(ray_session: Any, recipe: Recipe, xs: list[int]) -> None:
     check_on_ray("tasks", recipe, xs)
 
 
-@settings(RAY_SETTINGS, max_examples=12)
+@settings(RAY_SETTINGS, max_examples=25)
 @given(recipe=recipes(max_steps=6, allow_gpu=False), xs=RAY_INPUTS)
 def test_ray_actors_backend_matches_the_reference(ray_session: Any, recipe: Recipe, xs: list[int]) -> None:
     check_on_ray("actors", recipe, xs)
 
 
-@settings(RAY_SETTINGS, max_examples=20)
+@settings(RAY_SETTINGS, max_examples=30)
 @given(recipe=recipes(max_steps=6, allow_gpu=False), xs=RAY_INPUTS)
 def test_ray_steps_own_modes_match_the_reference(ray_session: Any, recipe: Recipe, xs: list[int]) -> None:
     check_on_ray(None, recipe, xs)
