@@ -103,13 +103,16 @@ def test_never_merges_impure_or_class_steps() -> None:
     assert run_locally(compiled, compiled.graph, [0]) == [3]
 
 
-def test_constants_merge_only_when_json_equal_and_inline() -> None:
+def test_constants_merge_only_when_json_equal_inline_scalars() -> None:
     compiled = traced(both(1, 1.0, True))
     assert apply(eliminate_common, compiled.graph).graph is compiled.graph
     array = np.arange(3)
     compiled = traced(both(array, array.copy(), pipeline.INPUT))
     assert apply(eliminate_common, compiled.graph).graph is compiled.graph
+    # Mutable containers: a step may mutate one, so they are never shared.
     compiled = traced(both({"k": [1, 2]}, {"k": [1, 2]}, pipeline.INPUT))
+    assert apply(eliminate_common, compiled.graph).graph is compiled.graph
+    compiled = traced(both("a", "a", pipeline.INPUT))
     result = apply(eliminate_common, compiled.graph)
     assert result.rewrites == ("merged %2 into %1 (constant): same inline value and type, so one node holds it",)
 

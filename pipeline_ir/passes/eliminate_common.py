@@ -9,9 +9,10 @@ What may merge:
   (keyword order does not matter). Steps are impure by default, and class
   steps never merge: their instances hold state, so two calls are two
   calls;
-- constants with the same inline value and type (JSON-equal, so `1`,
-  `1.0` and `true` stay apart). External constants (arrays, objects) never
-  merge: they may be mutable and their identity may matter;
+- constants with the same inline scalar value and type (JSON-equal, so
+  `1`, `1.0` and `true` stay apart). Lists, dicts and External constants
+  (arrays, objects) never merge: they may be mutated by a step, and two
+  steps must not start sharing one object;
 - projections of the same node by the same key.
 
 Switch arms need no rule of their own: a node runs in exactly the arms
@@ -42,7 +43,7 @@ def _key(graph: Graph, node: AnyNode) -> Hashable | None:
             if not step.pure or step.kind != "function":
                 return None
             return ("call", step_key, args, tuple(sorted(kwargs)))
-        case Constant(value=Inline(value=value)):
+        case Constant(value=Inline(value=value)) if not isinstance(value, (list, dict)):
             return ("constant", node.type, msgspec.json.encode(value))
         case Project(source=source, key=key):
             return ("project", source, type(key).__name__, key)
