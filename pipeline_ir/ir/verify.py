@@ -126,8 +126,10 @@ def _verify_fused(graph: Graph, node: Fused, seen: set[int]) -> None:
 # -- types --
 
 
-def _bind(step: StepSpec, n_args: int, kw_names: tuple[str, ...]) -> Iterator[tuple[int, str, Param]]:
-    """Pair each argument position (then each keyword) with its parameter."""
+def bind_arguments(step: StepSpec, n_args: int, kw_names: tuple[str, ...]) -> Iterator[tuple[int, str, Param]]:
+    """Pair each argument of a call with the parameter it binds to:
+    (index among positional args then keywords, parameter label, Param).
+    Arguments that bind to no known parameter are left out."""
     positional = [p for p in step.params if p.kind == "positional"]
     var_pos = next((p for p in step.params if p.kind == "var_positional"), None)
     for i in range(n_args):
@@ -164,7 +166,7 @@ def check_types(graph: Graph) -> None:
             continue
         step = graph.step(node.step)
         inputs = node.args + tuple(v for _, v in node.kwargs)
-        for index, pname, param in _bind(step, len(node.args), tuple(k for k, _ in node.kwargs)):
+        for index, pname, param in bind_arguments(step, len(node.args), tuple(k for k, _ in node.kwargs)):
             src_type: TypeRef = graph.node(inputs[index]).type
             if param.type == ANY or can_match(src_type, param.type):
                 continue

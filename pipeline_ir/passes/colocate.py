@@ -37,6 +37,7 @@ from pipeline_ir.ir.graph import CALLER, Graph
 from pipeline_ir.ir.nodes import AnyNode, Call, Fused, Mode, Project, StepSpec
 from pipeline_ir.ir.printer import node_label
 from pipeline_ir.ir.types import ANY, TypeRef, render
+from pipeline_ir.ir.verify import bind_arguments
 from pipeline_ir.passes.grouping import gpu_class
 from pipeline_ir.passes.manager import PassResult
 
@@ -77,26 +78,17 @@ def _remote(graph: Graph, node: AnyNode) -> _Remote | None:
             return None
 
 
-def _param_type(step: StepSpec, position: int | str) -> TypeRef:
-    """The declared type of the parameter an argument binds to (Any if unknown)."""
-    if isinstance(position, int):
-        positional = [p for p in step.params if p.kind == "positional"]
-        return positional[position].type if position < len(positional) else ANY
-    return next((p.type for p in step.params if p.name == position and p.kind != "var_positional"), ANY)
-
-
 def _edges(graph: Graph, node: Call | Fused) -> list[tuple[int, TypeRef]]:
     """(source id, type) of each value `node` reads, typed by the value or
     else by the parameter it is passed to."""
     if isinstance(node, Fused):
         return [(i, graph.node(i).type) for i in node.inputs]
-    step = graph.step(node.step)
-    bound: list[tuple[int, int | str]] = [(a, i) for i, a in enumerate(node.args)]
-    bound += [(v, k) for k, v in node.kwargs]
+    sources = node.args + tuple(v for _, v in node.kwargs)
+    declared = {i: p.type for i, _, p in bind_arguments(graph.step(node.step), len(node.args), tuple(k for k, _ in node.kwargs))}
     out = []
-    for source, position in bound:
+    for index, source in enumerate(sources):
         t = graph.node(source).type
-        out.append((source, t if t != ANY else _param_type(step, position)))
+        out.append((source, t if t != ANY else declared.get(index, ANY)))
     return out
 
 
