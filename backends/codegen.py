@@ -207,7 +207,8 @@ class _Emitter:
 
 def _no_match_factory(graph: Graph) -> Callable[[int, object], StepError]:
     def no_match(node_id: int, key: object) -> StepError:
-        cases = [c.value for c in graph.node(node_id).cases] if isinstance(graph.node(node_id), Switch) else []  # type: ignore[union-attr]
+        node = graph.node(node_id)
+        cases = [c.value for c in node.cases] if isinstance(node, Switch) else []
         return StepError(
             node_label(graph, node_id),
             node_id,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from pipeline_ir.backends.codegen import Launcher, PythonCode, generate, translate_error
 from pipeline_ir.backends.local import LocalLauncher
@@ -102,9 +103,10 @@ def lower(graph: Graph, bindings: Bindings) -> Program:
         code = generate(graph, launchers, bindings.constants, runtime)
         async_code = generate(graph, launchers, bindings.constants, runtime, is_async=True)
         run = code.load()
-        arun = async_code.load()
+        # The async source defines `async def arun`: calling it gives a coroutine.
+        arun = cast(Callable[[object], Awaitable[object]], async_code.load())
     except BaseException:
         for close in closers:
             close()
         raise
-    return Program(graph, run, arun, code, async_code, uses_ray, closers)  # type: ignore[arg-type]
+    return Program(graph, run, arun, code, async_code, uses_ray, closers)
