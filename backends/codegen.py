@@ -33,7 +33,7 @@ from pipeline_ir.errors import StepError
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import AnyNode, Call, Constant, External, Fused, Inline, Input, Mode, Project, Switch
 from pipeline_ir.ir.printer import node_label
-from pipeline_ir.ir.schedule import Block, Branches, schedule
+from pipeline_ir.ir.schedule import Block, Branches, remote_values, schedule
 
 
 class Launcher(Protocol):
@@ -45,8 +45,9 @@ class Launcher(Protocol):
         """The object the generated code calls for `node` (a global)."""
         ...
 
-    def expr(self, node: Call | Fused, callee: str, args: str) -> str:
-        """The Python expression that runs `node` given its argument list."""
+    def expr(self, node: Call | Fused, callee: str, args: str, is_async: bool = False) -> str:
+        """The Python expression that runs `node` given its argument list
+        (in an `async def` entry point when `is_async`)."""
         ...
 
 
@@ -91,26 +92,12 @@ class _Emitter:
     line_nodes: dict[int, int] = field(default_factory=dict)
     globals: dict[str, object] = field(default_factory=dict)
     remote: set[int] = field(default_factory=set)
+    fetched: set[int] = field(default_factory=set)  # remote values already fetched in scope
 
     def __post_init__(self) -> None:
-        # Which values are ObjectRefs follows from the nodes' modes alone; a
-        # switch's value is a ref only when every arm's is (else arms fetch).
-        for n in self.graph.all_nodes():
-            match n:
-                case Call(step=key) if self._remote_mode(self.graph.step(key).mode):
-                    self.remote.add(n.id)
-                case Fused(mode=mode) if self._remote_mode(mode):
-                    self.remote.add(n.id)
-                case Switch(cases=cases, default=default):
-                    arms = [c.branch for c in cases] + ([default] if default is not None else [])
-                    if all(a in self.remote for a in arms):
-                        self.remote.add(n.id)
-                case _:
-                    pass
-
-    def _remote_mode(self, mode: Mode) -> bool:
-        launcher = self.launchers.get(mode)
-        return launcher is not None and launcher.remote
+        # Which values are ObjectRefs follows from the nodes' modes alone.
+        remote_modes = frozenset(m for m, launcher in self.launchers.items() if launcher.remote)
+        self.remote = remote_values(self.graph, remote_modes)
 
     def emit(self, indent: int, text: str, node_id: int | None = None) -> None:
         self.lines.append("    " * indent + text)
@@ -122,15 +109,24 @@ class _Emitter:
         self.globals[name] = value
         return name
 
-    def local(self, node_id: int) -> str:
-        """An expression for the node's value in this process."""
+    def local(self, node_id: int, indent: int) -> str:
+        """A variable holding the node's value in this process. A remote
+        value is fetched once, where first needed: the fetch is emitted
+        before the statement being built, and later readers in the same
+        block or nested blocks reuse it (a channel unit's CompiledDAGRef
+        can be fetched only once)."""
         if node_id not in self.remote:
             return f"v{node_id}"
-        get = f"(await _aget(v{node_id}, {node_id}))" if self.is_async else f"_get(v{node_id}, {node_id})"
-        return get
+        if node_id not in self.fetched:
+            get = f"await _aget(v{node_id}, {node_id})" if self.is_async else f"_get(v{node_id}, {node_id})"
+            self.emit(indent, f"f{node_id} = {get}", node_id)
+            self.fetched.add(node_id)
+        return f"f{node_id}"
 
-    def arguments(self, node: Call, fetch: bool) -> str:
-        ref: Callable[[int], str] = self.local if fetch else (lambda i: f"v{i}")
+    def arguments(self, node: Call, fetch: bool, indent: int) -> str:
+        def ref(i: int) -> str:
+            return self.local(i, indent) if fetch else f"v{i}"
+
         parts = [ref(a) for a in node.args] + [f"{k}={ref(v)}" for k, v in node.kwargs]
         return ", ".join(parts)
 
@@ -145,9 +141,10 @@ class _Emitter:
                 step = self.graph.step(node.step)
                 launcher = self.launchers[step.mode]
                 name = self.bind(global_name("s" if not launcher.remote else "r", step.key), launcher.callee(node))
-                self.emit(indent, f"v{node.id} = {launcher.expr(node, name, self.arguments(node, not launcher.remote))}", node.id)
+                args = self.arguments(node, not launcher.remote, indent)
+                self.emit(indent, f"v{node.id} = {launcher.expr(node, name, args, self.is_async)}", node.id)
             case Project(source=source, key=key):
-                self.emit(indent, f"v{node.id} = {self.local(source)}[{key!r}]", node.id)
+                self.emit(indent, f"v{node.id} = {self.local(source, indent)}[{key!r}]", node.id)
             case Fused(mode=mode, inputs=inputs):
                 launcher = self.launchers[mode]
                 if not launcher.remote:
@@ -157,7 +154,7 @@ class _Emitter:
                     return
                 name = self.bind(f"g{node.id}", launcher.callee(node))
                 args = ", ".join(f"v{i}" for i in inputs)
-                self.emit(indent, f"v{node.id} = {launcher.expr(node, name, args)}", node.id)
+                self.emit(indent, f"v{node.id} = {launcher.expr(node, name, args, self.is_async)}", node.id)
             case Switch():
                 raise AssertionError("switches are emitted from their Branches block")
 
@@ -171,7 +168,7 @@ class _Emitter:
     def branches(self, indent: int, item: Branches) -> None:
         sw = item.switch
         key_var = f"k{sw.id}"
-        self.emit(indent, f"{key_var} = {self.local(sw.key)}", sw.id)
+        self.emit(indent, f"{key_var} = {self.local(sw.key, indent)}", sw.id)
         arms: list[tuple[str, Block, int]] = []
         for i, (case, body) in enumerate(zip(sw.cases, item.arms)):
             cond = f"{'if' if i == 0 else 'elif'} {key_var} == {self.bind(f'case{sw.id}_{i}', case.value)}:"
@@ -181,22 +178,24 @@ class _Emitter:
         all_remote = sw.id in self.remote
         for cond, body, branch in arms:
             self.emit(indent, cond)
+            outer = set(self.fetched)  # what an arm fetches is not fetched after it
             self.block(indent + 1, body)
-            value = f"v{branch}" if all_remote else self.local(branch)
+            value = f"v{branch}" if all_remote else self.local(branch, indent + 1)
             self.emit(indent + 1, f"v{sw.id} = {value}", sw.id)
+            self.fetched = outer
         if item.default is None or sw.default is None:
             self.emit(indent, "else:" if arms else "if True:")
             self.emit(indent + 1, f"raise _no_match({sw.id}, {key_var})", sw.id)
 
     def function(self, name: str, params: tuple[int, ...], items: Block, outputs: tuple[int, ...], multi: bool) -> PythonCode:
         self.block(1, items)
-        remote_outs = [o for o in outputs if o in self.remote]
+        remote_outs = list(dict.fromkeys(o for o in outputs if o in self.remote and o not in self.fetched))
         if remote_outs:
             refs = ", ".join(f"v{o}" for o in remote_outs)
             ids = ", ".join(str(o) for o in remote_outs)
             fetch = f"await _aget_many(({refs},), ({ids},))" if self.is_async else f"_get_many(({refs},), ({ids},))"
             self.emit(1, f"fetched = {fetch}")
-        values = [f"fetched[{remote_outs.index(o)}]" if o in self.remote else f"v{o}" for o in outputs]
+        values = [f"fetched[{remote_outs.index(o)}]" if o in remote_outs else self.local(o, 1) for o in outputs]
         self.emit(1, f"return ({', '.join(values)},)" if multi else f"return {values[0]}")
         head = f"{'async def' if self.is_async else 'def'} {name}({', '.join(f'v{p}' for p in params)}):"
         source = "\n".join([head, *self.lines]) + "\n"

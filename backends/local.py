@@ -49,5 +49,5 @@ class LocalLauncher:
         assert isinstance(node, Call), "local fused groups are emitted inline"
         return self.objects[node.step]
 
-    def expr(self, node: Call | Fused, callee: str, args: str) -> str:
+    def expr(self, node: Call | Fused, callee: str, args: str, is_async: bool = False) -> str:
         return f"{callee}({args})"

@@ -37,6 +37,7 @@ from typing import Any
 import ray
 
 from pipeline_ir.backends import ray_runtime
+from pipeline_ir.backends.ray_channels import Channel
 from pipeline_ir.backends.ray_tasks import colocate_strategy, resource_options, submit_expr
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.backends.worker import Unit, shippable
@@ -55,6 +56,9 @@ class Replica:
     def __init__(self, unit: Unit) -> None:
         self.unit = unit
         self.error: StepError | None = None
+        # Calls come as actor tasks and, for channel units, also from the
+        # compiled graph's loop thread: one at a time all the same.
+        self._one_at_a_time = threading.Lock()
         try:
             unit.build()
         except StepError as e:
@@ -72,7 +76,13 @@ class Replica:
         """Run the unit as node `node_id`."""
         if self.error is not None:
             raise self.error
-        return self.unit(node_id, *args, **kwargs)
+        with self._one_at_a_time:
+            return self.unit(node_id, *args, **kwargs)
+
+    def call_packed(self, payload: tuple[int, tuple[object, ...], dict[str, object]]) -> object:
+        """`call` with its arguments in one value, as a compiled graph sends them."""
+        node_id, args, kwargs = payload
+        return self.call(node_id, *args, **kwargs)
 
     def __repr__(self) -> str:
         # Ray prefixes the actor's log lines with this.
@@ -100,9 +110,11 @@ class _Slot:
 class Pool:
     """The replicas of one unit, and least-loaded routing over them."""
 
-    def __init__(self, unit: Unit, size: int, options: Mapping[str, object]) -> None:
+    def __init__(self, unit: Unit, size: int, options: Mapping[str, object], channel: bool = False) -> None:
         self.unit = unit
         self.size = size
+        self.uses_channel = channel
+        self.channel: Channel | None = None
         self.options = dict(options)
         self.node_ids = tuple(n.id for n in _nodes_served(unit))
         self.slots: list[_Slot] = []
@@ -210,6 +222,40 @@ class Pool:
         ref._on_ready(lambda _exc: self._done(slot, ticket))
         return ref
 
+    def submit_channel(self, node_id: int, *args: object, **kwargs: object) -> Any:
+        """Run the unit as node `node_id` over the compiled graph (channel
+        units: one replica); returns a CompiledDAGRef."""
+        ensure_registered()
+        channel = self._open_channel()
+        try:
+            return channel.submit(node_id, args, kwargs)
+        except ray.exceptions.RayError:
+            # The replica behind the channel died since the last call:
+            # replace it, compile anew, and send this call there.
+            self._drop_channel(channel)
+            return self._open_channel().submit(node_id, args, kwargs)
+
+    def _open_channel(self) -> Channel:
+        with self._lock:
+            if self.closed:
+                raise RuntimeError(f"the replicas of step {self.unit.label!r} were shut down")
+            if self.channel is not None:
+                return self.channel
+        self._replace_dead()
+        self.wait_ready()
+        with self._lock:
+            if self.channel is None:
+                self.channel = Channel(self.slots[0].handle)
+            return self.channel
+
+    def _drop_channel(self, channel: Channel) -> None:
+        with self._lock:
+            if self.channel is channel:
+                self.channel = None
+            for slot in self.slots:
+                slot.dead = True  # one replica: the one behind the channel
+        channel.close()
+
     def _done(self, slot: _Slot, ticket: int) -> None:
         # Runs on Ray's callback thread: keep it short, never call into Ray.
         with self._lock:
@@ -222,6 +268,9 @@ class Pool:
             self.closed = True
             slots, self.slots = self.slots, []
             self._pending.clear()
+            channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.close()
         here = ray.get_runtime_context().get_node_id()
         pids = []
         for slot in slots:
@@ -291,9 +340,9 @@ class ActorLauncher:
 
     def _start(self, bindings: Bindings) -> None:
         ray_runtime.ship_code(b.target for b in bindings.steps.values())
-        for key, unit, size, options, label in self._units(bindings):
+        for key, unit, size, options, label, channel in self._units(bindings):
             ray_runtime.check_feasible(unit.label, options, "replica")
-            pool = self.pools[key] = Pool(unit, size, {"max_restarts": 0, "max_task_retries": 0, **options})
+            pool = self.pools[key] = Pool(unit, size, {"max_restarts": 0, "max_task_retries": 0, **options}, channel)
             if label is not None and label not in self.colocation:
                 # The first replica with a label picks the node; the rest follow it.
                 pool.start(1)
@@ -305,27 +354,32 @@ class ActorLauncher:
             pool.start()
         for pool in self.pools.values():
             pool.wait_ready()
+            if pool.uses_channel:
+                pool._open_channel()
 
-    def _units(self, bindings: Bindings) -> list[tuple[str | int, Unit, int, dict[str, object], str | None]]:
-        """(pool key, unit, replicas, resource options, colocate label) for
-        each ACTORS step (one pool however many nodes call it) and group."""
-        units: dict[str | int, tuple[str | int, Unit, int, dict[str, object], str | None]] = {}
+    def _units(self, bindings: Bindings) -> list[tuple[str | int, Unit, int, dict[str, object], str | None, bool]]:
+        """(pool key, unit, replicas, resource options, colocate label,
+        channel) for each ACTORS step (one pool however many nodes call it)
+        and group."""
+        units: dict[str | int, tuple[str | int, Unit, int, dict[str, object], str | None, bool]] = {}
         for node in self.graph.nodes:
             if isinstance(node, Call) and node.step not in units:
                 spec = self.graph.step(node.step)
                 if spec.mode == "actors":
                     options = resource_options(spec.num_cpus, spec.num_gpus)
-                    units[node.step] = (node.step, Unit.of(self.graph, node, bindings), spec.num_replicas, options, spec.colocate)
+                    units[node.step] = (node.step, Unit.of(self.graph, node, bindings), spec.num_replicas, options, spec.colocate, spec.channel)
             elif isinstance(node, Fused) and node.mode == "actors":
                 options = resource_options(node.num_cpus, node.num_gpus)
-                units[node.id] = (node.id, Unit.of(self.graph, node, bindings), node.num_replicas, options, node.colocate)
+                units[node.id] = (node.id, Unit.of(self.graph, node, bindings), node.num_replicas, options, node.colocate, node.channel)
         return list(units.values())
 
     def callee(self, node: Call | Fused) -> Pool:
         return self.pools[node.step if isinstance(node, Call) else node.id]
 
-    def expr(self, node: Call | Fused, callee: str, args: str) -> str:
-        return submit_expr(node, callee, args)
+    def expr(self, node: Call | Fused, callee: str, args: str, is_async: bool = False) -> str:
+        channel = node.channel if isinstance(node, Fused) else self.graph.step(node.step).channel
+        # A CompiledDAGRef cannot be awaited: async calls take actor tasks.
+        return submit_expr(node, callee, args, "submit_channel" if channel and not is_async else "submit")
 
     def close(self) -> None:
         """Kill every replica of every pool; idempotent."""

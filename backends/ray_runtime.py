@@ -29,6 +29,7 @@ from typing import Any
 
 import ray
 import ray.exceptions
+from ray.experimental.compiled_dag_ref import CompiledDAGRef
 
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.errors import PlacementError, StepError
@@ -197,14 +198,14 @@ def runtime_globals(graph: Graph) -> dict[str, object]:
         raise error
 
     def _get_many(refs: Sequence[Any], ids: Sequence[int]) -> list[object]:
-        try:
-            return list(ray.get(list(refs)))
-        except ray.exceptions.RayError:
-            pass
-        # Fetch one by one, in order, to name the first node that failed.
-        for ref, node_id in zip(refs, ids):
-            _get(ref, node_id)
-        raise AssertionError("ray.get failed on the batch but on no single ref")
+        # A CompiledDAGRef (channel units) can be fetched only once, and not
+        # in one ray.get with ObjectRefs: those go one by one from the start.
+        if not any(isinstance(r, CompiledDAGRef) for r in refs):
+            try:
+                return list(ray.get(list(refs)))
+            except ray.exceptions.RayError:
+                pass  # fetch one by one, in order, to name the first node that failed
+        return [_get(ref, node_id) for ref, node_id in zip(refs, ids)]
 
     async def _aget(ref: Any, node_id: int) -> object:
         try:

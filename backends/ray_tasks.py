@@ -38,9 +38,9 @@ from pipeline_ir.ir.nodes import Call, Fused
 from pipeline_ir.trace import Bindings
 
 
-def submit_expr(node: Call | Fused, callee: str, args: str) -> str:
+def submit_expr(node: Call | Fused, callee: str, args: str, method: str = "submit") -> str:
     """`callee.submit(node_id, args...)`: how both Ray launchers spell a call."""
-    return f"{callee}.submit({node.id}{', ' + args if args else ''})"
+    return f"{callee}.{method}({node.id}{', ' + args if args else ''})"
 
 
 def resource_options(num_cpus: float | None, num_gpus: float | None) -> dict[str, object]:
@@ -147,5 +147,5 @@ class TaskLauncher:
             task = self.tasks[key] = Task(_remote_function(unit, options), ray.put(unit))
         return task
 
-    def expr(self, node: Call | Fused, callee: str, args: str) -> str:
+    def expr(self, node: Call | Fused, callee: str, args: str, is_async: bool = False) -> str:
         return submit_expr(node, callee, args)

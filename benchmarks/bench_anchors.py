@@ -47,6 +47,7 @@ ROW_ORDER = [
     "pipeline_ir tasks",
     "pipeline_ir actors, optimize=False",
     "pipeline_ir actors",
+    "pipeline_ir actors, channels=True",
 ]
 
 
@@ -132,17 +133,18 @@ def ray_anchors(ray: Any, x: object, batch: int) -> dict[str, float]:
 
 
 def pipeline_rows(x: object, batch: int) -> tuple[dict[str, float], dict[str, str]]:
-    """pipeline_ir's tasks and actors backends, with and without passes."""
+    """pipeline_ir's tasks and actors backends, without passes, with the
+    default passes, and (actors) with Compiled Graph channels too."""
     chain = stage_c(stage_b(stage_a(pipeline.INPUT)))
     rows: dict[str, float] = {}
     explained: dict[str, str] = {}
-    for backend in ("tasks", "actors"):
-        for optimize in (False, True):
-            label = f"pipeline_ir {backend}" + ("" if optimize else ", optimize=False")
-            compiled = pipeline.compile(chain, backend=backend, optimize=optimize)
-            explained[label] = compiled.explain()
-            with compiled.deploy() as p:
-                rows[label] = per_call_ms(p.call, x, batch)
+    variants = [("tasks", False, False), ("tasks", True, False), ("actors", False, False), ("actors", True, False), ("actors", True, True)]
+    for backend, optimize, channels in variants:
+        label = f"pipeline_ir {backend}" + ("" if optimize else ", optimize=False") + (", channels=True" if channels else "")
+        compiled = pipeline.compile(chain, backend=backend, optimize=optimize, channels=channels)
+        explained[label] = compiled.explain()
+        with compiled.deploy() as p:
+            rows[label] = per_call_ms(p.call, x, batch)
     return rows, explained
 
 
@@ -202,7 +204,7 @@ def run() -> dict[str, Any]:
             ours, explained = pipeline_rows(x, BATCH[name])
         except Exception as e:  # the backend or a pass is not ready: say so
             for backend in ("tasks", "actors"):
-                for suffix in (", optimize=False", ""):
+                for suffix in (", optimize=False", "", ", channels=True"):
                     skipped[f"{name}: pipeline_ir {backend}{suffix}"] = f"{type(e).__name__}: {e}"
         else:
             rows.update({f"{name}: {label}": value for label, value in ours.items()})
@@ -222,6 +224,9 @@ def run() -> dict[str, Any]:
             opt, unopt = rows.get(f"{name}: pipeline_ir {backend}"), rows.get(f"{name}: pipeline_ir {backend}, optimize=False")
             if opt and unopt:
                 ratios[f"{name}: {backend} speed-up from passes"] = unopt / opt
+            channel = rows.get(f"{name}: pipeline_ir {backend}, channels=True")
+            if channel and unopt:
+                ratios[f"{name}: {backend} speed-up from passes + channels"] = unopt / channel
             if opt and f"{name}: {anchor}" in rows:
                 ratios[f"{name}: {anchor} / pipeline_ir {backend}"] = rows[f"{name}: {anchor}"] / opt
     for backend in ("tasks", "actors"):

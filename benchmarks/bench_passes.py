@@ -5,8 +5,9 @@ a small answer at the end.
 
 Three class steps, all ACTORS (then all TASKS), compiled with
 `optimize=False` (three processes, the tensors cross the object store
-twice per call) and with the default passes (colocate_actors / fuse_tasks
-make one unit: the tensors never leave its process). The tensor size is
+twice per call), with the default passes (colocate_actors / fuse_tasks
+make one unit: the tensors never leave its process) and, on actors, with
+`channels=True` too (the unit is called over Compiled Graph channels). The tensor size is
 swept from none (a one-element tensor) to 16 MB, since the saving is the
 hand-off. Per row: warm-up calls, then the median over REPEATS of the mean
 latency of BATCH sequential calls.
@@ -71,13 +72,18 @@ def run() -> dict[str, Any]:
         embed, model, head = (pipeline.step(execution_mode=mode)(c) for c in (Embed, Model, Head))
         for size_label, n in SIZES.items():
             chain = head()(model()(embed(n)(pipeline.INPUT)))
-            for optimize in (False, True):
-                label = f"{mode}, {size_label}" + ("" if optimize else ", optimize=False")
-                compiled = pipeline.compile(chain, optimize=optimize)
-                explained[mode] = compiled.explain() if optimize else explained.get(mode, "")
+            variants = [(False, False), (True, False)] + ([(True, True)] if mode == "actors" else [])
+            for optimize, channels in variants:
+                label = f"{mode}, {size_label}" + ("" if optimize else ", optimize=False") + (", channels=True" if channels else "")
+                compiled = pipeline.compile(chain, optimize=optimize, channels=channels)
+                if optimize and not channels:
+                    explained[mode] = compiled.explain()
                 with compiled.deploy() as p:
                     rows[label] = per_call_ms(p.call)
-            ratios[f"{mode}, {size_label}: speed-up from passes"] = rows[f"{mode}, {size_label}, optimize=False"] / rows[f"{mode}, {size_label}"]
+            unopt = rows[f"{mode}, {size_label}, optimize=False"]
+            ratios[f"{mode}, {size_label}: speed-up from passes"] = unopt / rows[f"{mode}, {size_label}"]
+            if mode == "actors":
+                ratios[f"{mode}, {size_label}: speed-up from passes + channels"] = unopt / rows[f"{mode}, {size_label}, channels=True"]
     rewrites = {m: [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- ")] for m, text in explained.items()}
     return {
         "name": "passes",

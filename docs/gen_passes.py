@@ -34,6 +34,7 @@ from pipeline_ir.passes import (
     fuse_tasks,
     place_gpu,
     run_passes,
+    use_channels,
 )
 from pipeline_ir.passes.manager import explain
 
@@ -167,6 +168,39 @@ def place_gpu_error_example() -> str:
     raise AssertionError("place(0) must fail without gpu_fallback")
 
 
+@pipeline.step
+def load(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+@pipeline.step
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(image)
+
+
+@pipeline.step
+def summarize(x: torch.Tensor) -> float:
+    return float(x.sum())
+
+
+@pipeline.step(execution_mode="actors")
+class Scorer:
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(image)
+
+
+@pipeline.step(execution_mode="actors")
+class Rank:
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores.sort().values
+
+
+def use_channels_example() -> str:
+    x = load(pipeline.INPUT)
+    node = (summarize(Rank()(Scorer()(x))), TopK(5)(to_tensor(x)))
+    return _run(node, [use_channels], "score", pre=[colocate_actors])
+
+
 def default_passes_example() -> str:
     x = decode(pipeline.INPUT)
     node = Logger()(TopK(5)(Classifier("resnet18")(resize(x))))
@@ -185,6 +219,7 @@ EXAMPLES: dict[str, Callable[[], str]] = {
         colocate_example,
         place_gpu_example,
         place_gpu_error_example,
+        use_channels_example,
         default_passes_example,
     )
 }

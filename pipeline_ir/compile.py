@@ -13,7 +13,7 @@ from pipeline_ir.builder import PipelineNode
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Mode
 from pipeline_ir.ir.verify import check_types, verify
-from pipeline_ir.passes import Pass, PassRecord, default_passes, explain, force_backend, place_gpu, run_passes
+from pipeline_ir.passes import Pass, PassRecord, default_passes, explain, force_backend, place_gpu, run_passes, use_channels
 from pipeline_ir.step import ExecutionMode
 from pipeline_ir.trace import Bindings, trace
 
@@ -90,6 +90,7 @@ def compile(
     name: str | None = None,
     debug: bool = False,
     gpu_fallback: bool = False,
+    channels: bool = False,
 ) -> CompiledPipeline:
     """Trace the pipeline ending in `outputs`, check it, and optimize it.
 
@@ -103,6 +104,9 @@ def compile(
     debug: verify and type-check the graph after every pass.
     gpu_fallback: at deploy, run GPU steps the Ray cluster has no GPU for
         on CPU (written in explain()) instead of raising PlacementError.
+    channels: after the other passes, run `use_channels`: single-replica
+        actor units between the caller's values are called over Ray
+        Compiled Graph channels (experimental in Ray; off by default).
 
     Raises PipelineTypeError when annotated types cannot match.
     """
@@ -115,5 +119,7 @@ def compile(
         chosen.append(functools.partial(force_backend, backend=forced))
     if optimize:
         chosen.extend(default_passes() if passes is None else passes)
+    if channels:
+        chosen.append(use_channels)
     graph, records = run_passes(source, chosen, verify_each=debug)
     return CompiledPipeline(graph=graph, source_graph=source, bindings=bindings, records=records, gpu_fallback=gpu_fallback)

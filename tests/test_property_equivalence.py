@@ -455,21 +455,25 @@ RAY_INPUTS = st.lists(st.integers(-10, 10), min_size=3, max_size=5)
 RAY_SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def check_on_ray(backend: str | None, recipe: Recipe, xs: list[int]) -> None:
-    """Deploy the recipe unoptimized and optimized (two deploys), call each
-    on all of `xs`, and compare with the reference. Without GPUs: the test
-    cluster's one logical GPU could not hold two GPU replicas (place_gpu's
-    tests cover GPUs)."""
+def check_on_ray(backend: str | None, recipe: Recipe, xs: list[int], channels: bool = False) -> None:
+    """Deploy the recipe unoptimized and optimized (two deploys; a third
+    with Compiled Graph channels when `channels`), call each on all of
+    `xs`, and compare with the reference. Without GPUs: the test cluster's
+    one logical GPU could not hold two GPU replicas (place_gpu's tests
+    cover GPUs)."""
     node = build(recipe)
     expected = [reference(node, x) for x in xs]
-    for optimize in (False, True):
-        compiled = pipeline.compile(node, backend=backend, optimize=optimize, debug=True)
+    variants = [(False, False), (True, False)] + ([(True, True)] if channels else [])
+    for optimize, use_channels in variants:
+        compiled = pipeline.compile(node, backend=backend, optimize=optimize, channels=use_channels, debug=True)
         assert Graph.from_json(compiled.graph.to_json()) == compiled.graph
         with compiled.deploy() as p:
             got = [outcome(p.call, x) for x in xs]
-        assert got == expected, f"backend={backend} optimize={optimize}\n{compiled.graph.dump()}"
-        if optimize:
+        assert got == expected, f"backend={backend} optimize={optimize} channels={use_channels}\n{compiled.graph.dump()}"
+        if optimize and not use_channels:
             _record(compiled.source_graph, compiled.graph, expected)
+        if use_channels:
+            event(f"channel units: {sum(1 for n in compiled.graph.all_nodes() if _is_channel(compiled.graph, n))}")
 
 
 @settings(RAY_SETTINGS, max_examples=60)
@@ -478,13 +482,19 @@ def test_ray_tasks_backend_matches_the_reference(ray_session: Any, recipe: Recip
     check_on_ray("tasks", recipe, xs)
 
 
-@settings(RAY_SETTINGS, max_examples=25)
+@settings(RAY_SETTINGS, max_examples=15)
 @given(recipe=recipes(max_steps=6, allow_gpu=False), xs=RAY_INPUTS)
 def test_ray_actors_backend_matches_the_reference(ray_session: Any, recipe: Recipe, xs: list[int]) -> None:
-    check_on_ray("actors", recipe, xs)
+    check_on_ray("actors", recipe, xs, channels=True)
 
 
-@settings(RAY_SETTINGS, max_examples=30)
+@settings(RAY_SETTINGS, max_examples=20)
 @given(recipe=recipes(max_steps=6, allow_gpu=False), xs=RAY_INPUTS)
 def test_ray_steps_own_modes_match_the_reference(ray_session: Any, recipe: Recipe, xs: list[int]) -> None:
-    check_on_ray(None, recipe, xs)
+    check_on_ray(None, recipe, xs, channels=True)
+
+
+def _is_channel(graph: Graph, node: Any) -> bool:
+    if isinstance(node, Fused):
+        return node.channel
+    return isinstance(node, Call) and graph.step(node.step).channel

@@ -101,6 +101,9 @@ class StepSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     # Steps (and fused groups) with the same label are scheduled on the same
     # Ray node, so tensors between them stay on one machine. Set by passes.
     colocate: str | None = None
+    # Calls reach the (single) replica over Ray Compiled Graph channels
+    # instead of one actor task each. Set by the use_channels pass.
+    channel: bool = False
     init_args: tuple[Value, ...] = ()
     init_kwargs: tuple[tuple[str, Value], ...] = ()
     params: tuple[Param, ...] = ()
@@ -174,6 +177,7 @@ class Fused(Node, frozen=True, kw_only=True, tag="fused"):
     num_cpus: float | None = None
     num_gpus: float | None = None
     colocate: str | None = None
+    channel: bool = False
 
 
 AnyNode: TypeAlias = Input | Constant | Call | Project | Switch | Fused

@@ -60,7 +60,9 @@ def step_text(step: StepSpec) -> str:
     return f"{step.name}({', '.join(parts)})"
 
 
-def placement_text(mode: Mode, replicas: int, cpus: float | None, gpus: float | None, colocate: str | None = None) -> str:
+def placement_text(
+    mode: Mode, replicas: int, cpus: float | None, gpus: float | None, colocate: str | None = None, channel: bool = False
+) -> str:
     """The trailing comment: where a node runs and with what."""
     if mode == "local" and cpus is None and gpus is None:
         return ""
@@ -72,6 +74,8 @@ def placement_text(mode: Mode, replicas: int, cpus: float | None, gpus: float | 
             parts.append(f"{label}={amount:g}")
     if colocate is not None:
         parts.append(f"colocate={colocate}")
+    if channel:
+        parts.append("channel")
     return " ".join(parts)
 
 
@@ -96,7 +100,7 @@ def _node_lines(graph: Graph, node: AnyNode, indent: str) -> list[str]:
             step = graph.step(key)
             arg_text = [f"%{a}" for a in args] + [f"{k}=%{v}" for k, v in kwargs]
             rhs = f"{step_text(step)}({', '.join(arg_text)})"
-            comment = placement_text(step.mode, step.num_replicas, step.num_cpus, step.num_gpus, step.colocate)
+            comment = placement_text(step.mode, step.num_replicas, step.num_cpus, step.num_gpus, step.colocate, step.channel)
             if not step.fuse:
                 comment = f"{comment} nofuse".strip()
             if step.pure:
@@ -109,7 +113,7 @@ def _node_lines(graph: Graph, node: AnyNode, indent: str) -> list[str]:
             rhs = f"switch %{key} {{{arms}}}" + (f" default %{default}" if default is not None else "")
             return [_line(indent, _lhs(node), rhs, "")]
         case Fused(mode=mode, body=body, output=output):
-            comment = placement_text(mode, node.num_replicas, node.num_cpus, node.num_gpus, node.colocate) or "local"
+            comment = placement_text(mode, node.num_replicas, node.num_cpus, node.num_gpus, node.colocate, node.channel) or "local"
             head = _line(indent, _lhs(node), f"fused {mode} {{", f"{comment}, {len(body)} nodes")
             lines = [head]
             for inner in body:

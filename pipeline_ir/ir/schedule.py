@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline_ir.ir.nodes import AnyNode, Input, Switch, node_inputs
+from pipeline_ir.ir.graph import Graph
+from pipeline_ir.ir.nodes import AnyNode, Call, Fused, Input, Mode, Switch, node_inputs
 
 
 @dataclass(frozen=True)
@@ -105,3 +106,28 @@ def schedule(nodes: tuple[AnyNode, ...], outputs: tuple[int, ...]) -> Block:
         return tuple(items)
 
     return block(None)
+
+
+def remote_values(graph: Graph, remote_modes: frozenset[Mode] = frozenset({"tasks", "actors"})) -> set[int]:
+    """Ids of the nodes whose value, in the caller, is a handle to a result
+    held by Ray (an ObjectRef) rather than the value itself.
+
+    Calls and fused groups of a remote mode give one; projections run in
+    the caller and give values; a switch gives one only when every arm
+    does (else the caller fetches the remote arms). Backends lower by this
+    rule (codegen.py) and passes reason with it (use_channels.py).
+    """
+    remote: set[int] = set()
+    for n in graph.all_nodes():
+        match n:
+            case Call(step=key) if graph.step(key).mode in remote_modes:
+                remote.add(n.id)
+            case Fused(mode=mode) if mode in remote_modes:
+                remote.add(n.id)
+            case Switch(cases=cases, default=default):
+                arms = [c.branch for c in cases] + ([default] if default is not None else [])
+                if all(a in remote for a in arms):
+                    remote.add(n.id)
+            case _:
+                pass
+    return remote

@@ -36,6 +36,8 @@ def _check_step(step: StepSpec) -> None:
     for label, amount in (("num_cpus", step.num_cpus), ("num_gpus", step.num_gpus)):
         if amount is not None and amount < 0:
             raise GraphError(f"{where}: {label} must be >= 0, got {amount}")
+    if step.channel and (step.mode != "actors" or step.num_replicas != 1):
+        raise GraphError(f"{where}: channel=True needs execution_mode 'actors' and one replica")
     if step.kind == "class" and step.pure:
         raise GraphError(f"{where}: pure=True is for function steps; class steps hold state")
 
@@ -103,6 +105,8 @@ def _verify_fused(graph: Graph, node: Fused, seen: set[int]) -> None:
         raise GraphError(f"{where} has an empty body")
     if node.num_replicas > 1 and node.mode != "actors":
         raise GraphError(f"{where}: num_replicas={node.num_replicas} needs mode 'actors'")
+    if node.channel and (node.mode != "actors" or node.num_replicas != 1):
+        raise GraphError(f"{where}: channel=True needs mode 'actors' and one replica")
     visible = set(node.inputs)
     for inner in node.body:
         for ref in node_inputs(inner):

@@ -16,6 +16,7 @@ from pipeline_ir.passes.fuse_local import fuse_local
 from pipeline_ir.passes.fuse_tasks import fuse_tasks
 from pipeline_ir.passes.manager import Pass, PassRecord, PassResult, explain, run_passes
 from pipeline_ir.passes.place_gpu import check_gpus, place_gpu
+from pipeline_ir.passes.use_channels import use_channels
 
 
 def default_passes() -> list[Pass]:
@@ -46,4 +47,5 @@ __all__ = [
     "fuse_tasks",
     "place_gpu",
     "run_passes",
+    "use_channels",
 ]
