@@ -184,7 +184,13 @@ def test_a_killed_replica_is_a_step_error_then_replaced() -> None:
     with pipeline.compile(add_one(whoami(pipeline.INPUT)), optimize=False).deploy() as p:
         first = p.call(None)
         pool = p._program.closers[0].__self__.pools["whoami"]  # type: ignore[attr-defined]
+        pid = pool.slots[0].pid
         ray.kill(pool.slots[0].handle)
+        # ray.kill only asks: wait until the process is gone, or the next
+        # call may still reach the old replica.
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
         start = time.monotonic()
         with pytest.raises(pipeline.StepError) as info:
             p.call(None)  # add_one reads the dead replica's value: still named whoami
