@@ -13,17 +13,9 @@ from typing import Any
 import pytest
 
 import pipeline_ir as pipeline
+from process_helpers import alive, wait_gone
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
 
 
 # -- the seed page's examples, on ACTORS --
@@ -102,7 +94,7 @@ def test_replicas_spread_route_least_loaded_and_end_with_shutdown() -> None:
         busy_pid = busy[0][1]
         assert busy_pid not in quick and len(set(quick)) == 2
     # shutdown() (the `with` exit) ends every replica process.
-    assert not [pid for pid in set(pids) if _alive(pid)]
+    assert not [pid for pid in set(pids) if alive(pid)]
     with pytest.raises(pipeline.PipelineError, match="shut down"):
         p.call(1)
 
@@ -113,10 +105,7 @@ def test_garbage_collection_of_a_pipeline_ends_its_actors() -> None:
     assert len(pids) == 3
     del p
     gc.collect()
-    deadline = time.monotonic() + 10
-    while [pid for pid in pids if _alive(pid)] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not [pid for pid in pids if _alive(pid)]
+    assert wait_gone(pids) == []
 
 
 # -- errors --
@@ -160,7 +149,7 @@ def test_constructor_error_fails_deploy_and_leaves_no_actor() -> None:
     assert type(info.value.__cause__) is RuntimeError
     # echo's two replicas were started too; close() has waited for their exit.
     left = _live_replicas() - before
-    assert not [pid for _, pid in left if _alive(pid)]
+    assert not [pid for _, pid in left if alive(pid)]
 
 
 def _live_replicas() -> set[tuple[str, int]]:
@@ -188,9 +177,7 @@ def test_a_killed_replica_is_a_step_error_then_replaced() -> None:
         ray.kill(pool.slots[0].handle)
         # ray.kill only asks: wait until the process is gone, or the next
         # call may still reach the old replica.
-        deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_gone([pid])
         start = time.monotonic()
         with pytest.raises(pipeline.StepError) as info:
             p.call(None)  # add_one reads the dead replica's value: still named whoami

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from typing import Any
 
 import pytest
 
 import pipeline_ir as pipeline
+from process_helpers import alive, wait_gone
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -39,15 +39,6 @@ def tag(x: int) -> tuple[int, int]:
     return x, os.getpid()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_channels_give_the_same_results_and_errors_as_actor_tasks() -> None:
     node = tag(Scale(3)(prep(pipeline.INPUT)))
     compiled = pipeline.compile(node, channels=True)
@@ -64,7 +55,7 @@ def test_channels_give_the_same_results_and_errors_as_actor_tasks() -> None:
         assert [r[0] for r in p.map(range(3), max_in_flight=2)] == [3, 6, 9]  # type: ignore[index]
         pids = {p.call(0)[1] for _ in range(3)}  # type: ignore[index]
     assert len(pids) == 1
-    assert not [pid for pid in pids if _alive(pid)]
+    assert not [pid for pid in pids if alive(pid)]
 
 
 def test_a_dead_replica_behind_a_channel_is_replaced() -> None:
@@ -74,9 +65,7 @@ def test_a_dead_replica_behind_a_channel_is_replaced() -> None:
         import ray
 
         os.kill(first, 9)
-        deadline = time.monotonic() + 10
-        while _alive(first) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_gone([first])
         # The channel's replica is gone: the call either fails with a
         # StepError naming the step, or (when the death was seen first)
         # goes to the new replica; it never hangs, and later calls work.
@@ -89,4 +78,4 @@ def test_a_dead_replica_behind_a_channel_is_replaced() -> None:
         second = p.call(3)[1]  # type: ignore[index]
         assert second != first and p.call(4)[0] == 4  # type: ignore[index]
         assert ray.is_initialized()
-    assert not _alive(second)
+    assert not alive(second)
