@@ -31,7 +31,7 @@ from typing import Protocol
 
 from pipeline_ir.errors import StepError
 from pipeline_ir.ir.graph import Graph
-from pipeline_ir.ir.nodes import AnyNode, Call, Constant, External, Fused, Inline, Input, Mode, Project, Switch
+from pipeline_ir.ir.nodes import AnyNode, Call, Constant, Fused, Inline, Input, Mode, Project, Switch
 from pipeline_ir.ir.printer import node_label
 from pipeline_ir.ir.schedule import Block, Branches, remote_values, schedule
 

@@ -226,16 +226,16 @@ class Pool:
         """Run the unit as node `node_id` over the compiled graph (channel
         units: one replica); returns a CompiledDAGRef."""
         ensure_registered()
-        channel = self._open_channel()
+        channel = self.open_channel()
         try:
             return channel.submit(node_id, args, kwargs)
         except ray.exceptions.RayError:
             # The replica behind the channel died since the last call:
             # replace it, compile anew, and send this call there.
             self._drop_channel(channel)
-            return self._open_channel().submit(node_id, args, kwargs)
+            return self.open_channel().submit(node_id, args, kwargs)
 
-    def _open_channel(self) -> Channel:
+    def open_channel(self) -> Channel:
         with self._lock:
             if self.closed:
                 raise RuntimeError(f"the replicas of step {self.unit.label!r} were shut down")
@@ -355,7 +355,7 @@ class ActorLauncher:
         for pool in self.pools.values():
             pool.wait_ready()
             if pool.uses_channel:
-                pool._open_channel()
+                pool.open_channel()
 
     def _units(self, bindings: Bindings) -> list[tuple[str | int, Unit, int, dict[str, object], str | None, bool]]:
         """(pool key, unit, replicas, resource options, colocate label,

@@ -14,7 +14,6 @@ import pytest
 
 import pipeline_ir as pipeline
 from pass_helpers import apply, traced
-from pipeline_ir.ir.nodes import Fused
 from pipeline_ir.passes import check_gpus, fuse_tasks, place_gpu, run_passes
 
 

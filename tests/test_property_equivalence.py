@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -48,7 +47,7 @@ from pipeline_ir.passes import (
     fuse_tasks,
     place_gpu,
 )
-from pipeline_ir.step import ClassStep, ConfiguredStep, FunctionStep
+from pipeline_ir.step import ConfiguredStep, FunctionStep
 from pipeline_ir.trace import trace
 
 # -- the steps: plain module-level functions and a class --

@@ -19,7 +19,6 @@ from pipeline_ir.ir.nodes import (
     Fused,
     Input,
     Param,
-    Project,
     StepSpec,
     Switch,
     node_inputs,
