@@ -85,8 +85,9 @@ class Replica:
         return self.call(node_id, *args, **kwargs)
 
     def __repr__(self) -> str:
-        # Ray prefixes the actor's log lines with this.
-        return f"Replica({self.unit.label})"
+        # Ray prefixes the actor's log lines with this: kept ASCII, as Ray
+        # encodes some of what it names after user code as ASCII.
+        return f"Replica({ascii(self.unit.label)[1:-1]})"
 
 
 _RemoteReplica: Any = ray.remote(Replica)

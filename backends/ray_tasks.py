@@ -24,6 +24,7 @@ it decides nothing itself.
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,8 +108,9 @@ def _remote_function(unit: Unit, options: Mapping[str, object]) -> Any:
     def run(box: list[Any], node_id: int, *args: object, **kwargs: object) -> object:
         return _unit(box)(node_id, *args, **kwargs)
 
-    # Ray names the worker process and its errors after the function.
-    run.__name__ = run.__qualname__ = unit.label.replace("+", "_")
+    # Ray names the worker process and its errors after the function; it
+    # must be ASCII (a worker given "ü" dies in Ray's task handler).
+    run.__name__ = run.__qualname__ = re.sub(r"[^0-9A-Za-z_]", "_", unit.label) or "step"
     remote: Any = ray.remote
     return remote(**options)(run)
 
