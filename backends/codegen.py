@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pipeline_ir.backends.namespace import Namespace
-from pipeline_ir.errors import StepError
+from pipeline_ir.errors import PipelineTimeoutError, StepError
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import AnyNode, Call, Constant, Fused, Inline, Input, Mode, Project, Switch
 from pipeline_ir.ir.printer import node_label
@@ -274,7 +274,7 @@ def translate_error(exc: BaseException, code: PythonCode, graph: Graph) -> BaseE
     A StepError passes through (a remote step already named itself). Else
     the innermost line of generated code in the traceback names the node.
     """
-    if isinstance(exc, StepError) or not isinstance(exc, Exception):
+    if isinstance(exc, (StepError, PipelineTimeoutError)) or not isinstance(exc, Exception):
         return exc
     node_id = None
     tb = exc.__traceback__

@@ -36,7 +36,7 @@ from typing import Any
 
 import ray
 
-from pipeline_ir.backends import ray_runtime
+from pipeline_ir.backends import calls, ray_runtime
 from pipeline_ir.backends.ray_channels import Channel
 from pipeline_ir.backends.ray_tasks import colocate_strategy, resource_options, submit_expr
 from pipeline_ir.backends.serialization import ensure_registered
@@ -221,7 +221,13 @@ class Pool:
             self._pending[ticket] = ref
         # May run the callback at once, in this thread: never under the lock.
         ref._on_ready(lambda _exc: self._done(slot, ticket))
+        calls.track(ref, node_id, self.abandon)
         return ref
+
+    def abandon(self, ref: Any, force: bool = False) -> None:
+        """A call gave up on `ref` (deadline, error elsewhere, cancelled):
+        drop it if still queued. Ray cannot interrupt a running actor call."""
+        ray.cancel(ref)
 
     def submit_channel(self, node_id: int, *args: object, **kwargs: object) -> Any:
         """Run the unit as node `node_id` over the compiled graph (channel

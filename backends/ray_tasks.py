@@ -31,6 +31,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pipeline_ir.backends import calls
 from pipeline_ir.backends.ray_runtime import check_feasible, ship_code
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.backends.worker import Unit
@@ -81,7 +82,17 @@ class Task:
     def submit(self, node_id: int, *args: object, **kwargs: object) -> Any:
         """Start one task; returns its ObjectRef."""
         ensure_registered()  # torch may have been imported since deploy
-        return self.fn.remote(self.unit, node_id, *args, **kwargs)
+        ref = self.fn.remote(self.unit, node_id, *args, **kwargs)
+        calls.track(ref, node_id, _stop_task)
+        return ref
+
+
+def _stop_task(ref: Any, force: bool) -> None:
+    """Cancel a task of an abandoned call: a queued one never starts, a
+    running one gets a KeyboardInterrupt (its worker lives on for the next
+    call); at shutdown (`force`) its worker exits, as a task stuck in
+    native code would not see the interrupt."""
+    ray.cancel(ref, force=force)
 
 
 # Per worker process: the units it ran lately, by ObjectRef. Bounded, since
