@@ -21,6 +21,7 @@ from pipeline_ir.errors import (
     PipelineError,
     PipelineOverloadedError,
     PipelineTypeError,
+    PipelineValueError,
     PlacementError,
     StepError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "PipelineNode",
     "PipelineOverloadedError",
     "PipelineTypeError",
+    "PipelineValueError",
     "PlacementError",
     "StepError",
     "compile",

@@ -15,14 +15,29 @@ import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Protocol, Union
 
 from pipeline_ir.errors import PipelineError
 
 if TYPE_CHECKING:
     from pipeline_ir.backends.lower import Program
-    from pipeline_ir.compile import CompiledPipeline
+    from pipeline_ir.bindings import Bindings
     from pipeline_ir.ir.graph import Graph
+
+
+class Deployable(Protocol):
+    """What a Pipeline runs: a CompiledPipeline (compile.py) already fitted
+    to the cluster. Named here so that this module never imports the
+    compiler: `CompiledPipeline.deploy()` builds the Pipeline, not the
+    other way round."""
+
+    @property
+    def graph(self) -> Graph: ...
+
+    @property
+    def bindings(self) -> Bindings: ...
+
+    def explain(self) -> str: ...
 
 
 def _closed(x: object) -> object:
@@ -36,12 +51,9 @@ async def _aclosed(x: object) -> object:
 class Pipeline:
     """A deployed pipeline. Use it as a context manager, or call shutdown()."""
 
-    def __init__(self, compiled: CompiledPipeline) -> None:
-        from pipeline_ir.backends.lower import cluster_gpus, lower, needs_ray
+    def __init__(self, compiled: Deployable) -> None:
+        from pipeline_ir.backends.lower import lower
 
-        if needs_ray(compiled.graph):
-            # GPU placement is decided by a pass, with the cluster's GPUs.
-            compiled = compiled.place(cluster_gpus())
         self.compiled = compiled
         self._program: Program = lower(compiled.graph, compiled.bindings)
         self._run: Callable[[object], object] = self._program.run
