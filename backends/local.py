@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
+from pipeline_ir.bindings import StepBinding
 from pipeline_ir.errors import StepError
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Fused, StepSpec
-from pipeline_ir.trace import StepBinding
 
 
 def instantiate(step: StepSpec, binding: StepBinding, node_id: int) -> Callable[..., object]:

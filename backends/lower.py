@@ -14,10 +14,10 @@ from typing import cast
 from pipeline_ir.backends import calls
 from pipeline_ir.backends.codegen import Launcher, PythonCode, generate, translate_error
 from pipeline_ir.backends.local import LocalLauncher
+from pipeline_ir.bindings import Bindings
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Fused, Mode
 from pipeline_ir.options import DeployOptions
-from pipeline_ir.trace import Bindings
 
 
 @dataclass

@@ -41,10 +41,10 @@ from pipeline_ir.backends.ray_channels import Channel
 from pipeline_ir.backends.ray_tasks import colocate_strategy, resource_options, submit_expr
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.backends.worker import Unit, shippable
+from pipeline_ir.bindings import Bindings
 from pipeline_ir.errors import StepError
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Fused
-from pipeline_ir.trace import Bindings
 
 # How long close() waits for killed replicas on this machine to exit.
 _EXIT_WAIT_S = 5.0

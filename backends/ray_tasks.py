@@ -35,9 +35,9 @@ from pipeline_ir.backends import calls
 from pipeline_ir.backends.ray_runtime import check_feasible, ship_code
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.backends.worker import Unit
+from pipeline_ir.bindings import Bindings
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Fused
-from pipeline_ir.trace import Bindings
 
 
 def submit_expr(node: Call | Fused, callee: str, args: str, method: str = "submit") -> str:

@@ -23,11 +23,11 @@ from typing import Any
 from pipeline_ir.backends.codegen import PythonCode, generate_body, translate_error
 from pipeline_ir.backends.local import LocalLauncher, first_call, instantiate
 from pipeline_ir.backends.serialization import ensure_registered
+from pipeline_ir.bindings import Bindings, StepBinding
 from pipeline_ir.errors import StepError
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Constant, External, Fused
 from pipeline_ir.ir.printer import node_label
-from pipeline_ir.trace import Bindings, StepBinding
 
 
 class RemoteException(Exception):

@@ -168,6 +168,25 @@ def guide_build_errors() -> str:
     return fence("\n\n".join(f">>> {code}\n{_error(fn)}" for code, fn in cases))
 
 
+def guide_sync_steps() -> str:
+    def tokens(text: str):  # type: ignore[no-untyped-def]
+        yield from text.split()
+
+    async def fetch(url: str) -> bytes:
+        return url.encode()
+
+    class Model:
+        async def __call__(self, x: int) -> int:
+            return x
+
+    cases: list[tuple[str, Callable[[], object]]] = [
+        ("pipeline.step(tokens)   # def tokens(text): yield from text.split()", lambda: pipeline.step(tokens)),
+        ("pipeline.step(fetch)    # async def fetch(url): ...", lambda: pipeline.step(fetch)),
+        ("pipeline.step(Model)    # class Model: async def __call__(self, x): ...", lambda: pipeline.step(Model)),
+    ]
+    return fence("\n\n".join(f">>> {code}\n{_error(fn)}" for code, fn in cases))
+
+
 def guide_run_errors() -> str:
     @pipeline.step
     def divide(x: int) -> float:
@@ -235,7 +254,7 @@ def guide_cli() -> str:
 
 EXAMPLES: dict[str, Callable[[], str]] = {
     f.__name__: f
-    for f in (ir_ops, ir_json, ir_dot, ir_type_error, guide_build_errors, guide_run_errors, guide_compile, guide_cli)
+    for f in (ir_ops, ir_json, ir_dot, ir_type_error, guide_build_errors, guide_sync_steps, guide_run_errors, guide_compile, guide_cli)
 }
 PAGES = [DOCS / "ir.md", DOCS / "user-guide.md"]
 _BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n).*?(\n<!-- end: \2 -->)", re.DOTALL)

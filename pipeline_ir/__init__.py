@@ -22,6 +22,7 @@ from pipeline_ir.errors import (
     PipelineOverloadedError,
     PipelineTimeoutError,
     PipelineTypeError,
+    PipelineValueError,
     PlacementError,
     StepError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "PipelineOverloadedError",
     "PipelineTimeoutError",
     "PipelineTypeError",
+    "PipelineValueError",
     "PlacementError",
     "StepError",
     "compile",

@@ -9,15 +9,40 @@ the line that made it.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NoReturn, Unpack
+
+from pipeline_ir.errors import PipelineTypeError, PipelineValueError
 
 if TYPE_CHECKING:
     from pipeline_ir.options import DeployKwargs
     from pipeline_ir.pipeline import Pipeline
-    from pipeline_ir.step import ConfiguredStep, FunctionStep
 
 SwitchKey = None | bool | int | str
+
+
+class StepObject(abc.ABC):
+    """Base of the step objects of step.py: FunctionStep, ClassStep and
+    ConfiguredStep.
+
+    Declared here so that a CallNode can hold the step that made it and
+    `check_argument` can reject a step passed where a node belongs, while
+    the arrow points one way: step.py builds nodes, builder.py never
+    imports step.py.
+    """
+
+    __slots__ = ()
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """The step's name in dumps and errors."""
+
+    @abc.abstractmethod
+    def not_a_node(self, where: str) -> str:
+        """The error message for this step passed as a value at `where`,
+        saying what to write instead."""
 
 
 class PipelineNode:
@@ -31,7 +56,7 @@ class PipelineNode:
 
     def __getitem__(self, key: int | str) -> ProjectNode:
         if not isinstance(key, (int, str)) or isinstance(key, bool):
-            raise TypeError(
+            raise PipelineTypeError(
                 f"a pipeline node can be indexed by an int or a str, not {type(key).__name__}: "
                 "write node[0] or node['key']"
             )
@@ -39,19 +64,21 @@ class PipelineNode:
 
     def __iter__(self) -> NoReturn:
         # Without this, Python would iterate through __getitem__ forever.
-        raise TypeError(
+        raise PipelineTypeError(
             f"{self!r} is a pipeline node: its value exists only when the pipeline runs, so it "
             "cannot be unpacked or iterated while building; index it instead (node[0], node[1])"
         )
 
     def __bool__(self) -> NoReturn:
-        raise TypeError(
+        raise PipelineTypeError(
             f"{self!r} is a pipeline node and has no truth value while building: "
             "use pipeline.switch(key_node, {value: branch, ...}) to choose by a value"
         )
 
     def deploy(self, **options: Unpack[DeployKwargs]) -> Pipeline:
         """Same as `pipeline_ir.compile(self).deploy(**options)`."""
+        # The one import that climbs (compile.py reads these nodes): the seed
+        # API puts deploy() on the node. It runs only when a user deploys.
         from pipeline_ir.compile import compile as compile_
 
         return compile_(self).deploy(**options)
@@ -76,7 +103,7 @@ class CallNode(PipelineNode):
 
     def __init__(
         self,
-        step: FunctionStep[object] | ConfiguredStep,
+        step: StepObject,
         args: tuple[object, ...],
         kwargs: dict[str, object],
     ) -> None:
@@ -102,7 +129,8 @@ class ProjectNode(PipelineNode):
 
 
 class SwitchNode(PipelineNode):
-    """One of several branches, chosen per call by the value of `key`."""
+    """One of several branches, chosen per call by the value of `key`;
+    `default` is None when there is no default branch."""
 
     __slots__ = ("key", "cases", "default")
 
@@ -115,44 +143,41 @@ class SwitchNode(PipelineNode):
         return f"<node switch on {self.key!r}>"
 
 
-_NO_DEFAULT = object()
-
-
 def switch(
     key: PipelineNode,
     branches: Mapping[SwitchKey, object],
-    default: object = _NO_DEFAULT,
+    default: object = None,
 ) -> SwitchNode:
     """Pick one branch per call by the value of `key`; only that branch runs.
 
     `branches` maps each key value (None, bool, int or str) to a node or a
-    plain value. With no match and no `default`, the call fails with a
-    StepError whose cause is a KeyError. `default=None` means a default
-    branch whose value is None.
+    plain value; `default` (a node or a plain value) is taken when no key
+    matches. `default=None`, like leaving it out, means no default: the
+    call then fails with a StepError whose cause is a KeyError.
     """
     if not isinstance(key, PipelineNode):
-        raise TypeError(f"pipeline.switch: the key must be a pipeline node, got {type(key).__name__}")
+        raise PipelineTypeError(f"pipeline.switch: the key must be a pipeline node, got {type(key).__name__}")
     if not isinstance(branches, Mapping):
-        raise TypeError("pipeline.switch: branches must be a dict {value: node_or_value}")
-    if not branches and default is _NO_DEFAULT:
-        raise ValueError("pipeline.switch: give at least one branch or a default")
+        raise PipelineTypeError("pipeline.switch: branches must be a dict {value: node_or_value}")
+    if not branches and default is None:
+        raise PipelineValueError("pipeline.switch: give at least one branch or a default")
     cases: list[tuple[SwitchKey, object]] = []
     for value, branch in branches.items():
         if value is not None and not isinstance(value, (bool, int, str)):
-            raise TypeError(
+            raise PipelineTypeError(
                 f"pipeline.switch: branch key {value!r} is a {type(value).__name__}; "
                 "keys must be None, bool, int or str"
             )
         check_argument(branch, f"pipeline.switch branch {value!r}")
         cases.append((value, branch))
-    if default is not _NO_DEFAULT:
+    if default is not None:
         check_argument(default, "pipeline.switch default")
     return SwitchNode(key, tuple(cases), default)
 
 
 def has_default(node: SwitchNode) -> bool:
     """Whether `switch()` was given a default branch."""
-    return node.default is not _NO_DEFAULT
+    return node.default is not None
 
 
 def check_argument(value: object, where: str) -> None:
@@ -161,28 +186,13 @@ def check_argument(value: object, where: str) -> None:
     An uncalled step, an uninstantiated class step, or a node hidden inside
     a container would otherwise become a constant and fail much later.
     """
-    from pipeline_ir.step import ClassStep, ConfiguredStep, FunctionStep
-
-    if isinstance(value, FunctionStep):
-        raise TypeError(
-            f"{where}: got the step {value.name!r} itself, not a node; call it on its inputs "
-            f"first, e.g. {value.name}(pipeline.INPUT)"
-        )
-    if isinstance(value, ClassStep):
-        raise TypeError(
-            f"{where}: got the class step {value.name!r} itself; instantiate it with its init "
-            f"args and call it on its inputs, e.g. {value.name}(...)(pipeline.INPUT)"
-        )
-    if isinstance(value, ConfiguredStep):
-        raise TypeError(
-            f"{where}: got the configured step {value.name!r} without inputs; call it on its "
-            f"inputs, e.g. {value.name}(...)(pipeline.INPUT)"
-        )
+    if isinstance(value, StepObject):
+        raise PipelineTypeError(value.not_a_node(where))
     if isinstance(value, (list, tuple, set, frozenset, dict)):
         items = list(value.values()) + list(value.keys()) if isinstance(value, dict) else list(value)
         for item in items:
-            if isinstance(item, (PipelineNode, FunctionStep, ClassStep, ConfiguredStep)):
-                raise TypeError(
+            if isinstance(item, (PipelineNode, StepObject)):
+                raise PipelineTypeError(
                     f"{where}: a pipeline node or step is inside a {type(value).__name__}; "
                     "nodes must be passed as arguments themselves: write f(a, b) or f(*nodes), "
                     "not f([a, b])"

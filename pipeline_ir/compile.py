@@ -1,4 +1,9 @@
-"""compile(): trace -> verify -> passes -> CompiledPipeline. Starts nothing."""
+"""compile(): trace -> verify -> passes -> CompiledPipeline. Starts nothing.
+
+`CompiledPipeline.deploy()` fits the graph to the Ray cluster (the place_gpu
+pass) and builds the running Pipeline; pipeline.py does not import this
+module.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Unpack
 
+from pipeline_ir.bindings import Bindings
 from pipeline_ir.builder import PipelineNode
+from pipeline_ir.errors import PipelineValueError
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Mode
 from pipeline_ir.ir.verify import check_types, verify
 from pipeline_ir.options import DeployKwargs, DeployOptions
 from pipeline_ir.passes import Pass, PassRecord, default_passes, explain, force_backend, place_gpu, run_passes, use_channels
 from pipeline_ir.step import ExecutionMode
-from pipeline_ir.trace import Bindings, trace
+from pipeline_ir.trace import trace
 
 if TYPE_CHECKING:
     from pipeline_ir.pipeline import Pipeline
@@ -44,10 +51,11 @@ class CompiledPipeline:
 
     def place(self, cluster_gpus: float) -> CompiledPipeline:
         """This pipeline fitted to a Ray cluster with `cluster_gpus` GPUs:
-        deploy() calls it once Ray is up. Runs the place_gpu pass, which
-        raises PlacementError naming the GPU steps the cluster cannot hold,
-        or with `compile(..., gpu_fallback=True)` runs them on CPU (the
-        record then shows in explain()). Returns self when nothing changes."""
+        deploy() calls it once Ray is up, when a step is remote. Runs the
+        place_gpu pass, which raises PlacementError naming the GPU steps
+        the cluster cannot hold, or with `compile(..., gpu_fallback=True)`
+        runs them on CPU (the record then shows in explain()). Returns self
+        when nothing changes."""
         placing = functools.partial(place_gpu, cluster_gpus=cluster_gpus, fallback=self.gpu_fallback)
         graph, records = run_passes(self.graph, [placing], verify_each=True)
         if graph is self.graph:
@@ -56,14 +64,23 @@ class CompiledPipeline:
 
     def deploy(self, **options: Unpack[DeployKwargs]) -> Pipeline:
         """Start what the graph needs (Ray only if a step is remote) and
-        return the running Pipeline. The options (see DeployOptions in
-        pipeline_ir/options.py: max_in_flight, overload_timeout_s,
-        deploy_timeout_s, health checks, retries) bound calls in flight and
-        set the timeouts of serving; docs/operations.md says how to size
-        them. A bad option is a ValueError, raised before anything starts."""
+        return the running Pipeline.
+
+        The options (DeployOptions in pipeline_ir/options.py: max_in_flight,
+        overload_timeout_s, deploy_timeout_s, health checks, retries) bound
+        calls in flight and set the timeouts of serving; docs/operations.md
+        says how to size them. A bad option is a ValueError, raised before
+        anything starts. With a remote step, Ray is joined first and the
+        graph is fitted to the cluster's GPUs (`place`), which may raise
+        PlacementError before any step starts; `Pipeline.compiled` is then
+        the placed pipeline.
+        """
+        from pipeline_ir.backends.lower import cluster_gpus, needs_ray
         from pipeline_ir.pipeline import Pipeline
 
-        return Pipeline(self, DeployOptions(**options))
+        checked = DeployOptions(**options)
+        placed = self.place(cluster_gpus()) if needs_ray(self.graph) else self
+        return Pipeline(placed, checked)
 
 
 BACKEND_ENV = "PIPELINE_IR_BACKEND"
@@ -83,7 +100,7 @@ def _parse_backend(backend: object) -> Mode | None:
         backend = backend.value
     if isinstance(backend, str) and backend.lower() in _BACKENDS:
         return _BACKENDS[backend.lower()]
-    raise ValueError(f"{where}: unknown backend {backend!r}; use 'local', 'tasks' or 'actors'")
+    raise PipelineValueError(f"{where}: unknown backend {backend!r}; use 'local', 'tasks' or 'actors'")
 
 
 def compile(
@@ -113,7 +130,8 @@ def compile(
         actor units between the caller's values are called over Ray
         Compiled Graph channels (experimental in Ray; off by default).
 
-    Raises PipelineTypeError when annotated types cannot match.
+    Raises PipelineTypeError when annotated types cannot match, and
+    PipelineValueError for an unknown backend.
     """
     forced = _parse_backend(backend)
     source, bindings = trace(outputs, name=name)

@@ -1,8 +1,18 @@
 """The exception hierarchy of pipeline_ir: every error a user can catch.
 
-All errors derive from `PipelineError`. Errors that are also a builtin kind
-(a type mismatch, a bad value) derive from that builtin too, so code that
-catches `TypeError` or `ValueError` keeps working.
+Errors that pipeline_ir raises derive from `PipelineError`. Errors that are
+also a builtin kind (a wrong type, a bad value) derive from that builtin too,
+so code that catches `TypeError` or `ValueError` keeps working, as API.md
+asks of step options.
+
+Plain builtins, on purpose:
+- `Graph.node(id)` and `Graph.step(key)` raise `KeyError` for a missing id
+  or key, as a Mapping lookup does;
+- an exception raised inside a step reaches the caller as the `__cause__`
+  of a StepError, never bare.
+Still plain, to be moved here by their owners: `Pipeline.map()`'s
+`ValueError` for a bad `max_in_flight`, and the pass manager's `TypeError`
+for a pass that returns no PassResult (passes/manager.py).
 """
 
 from __future__ import annotations
@@ -13,9 +23,20 @@ class PipelineError(Exception):
 
 
 class PipelineTypeError(PipelineError, TypeError):
-    """An upstream output type cannot match a downstream parameter type.
+    """A value of the wrong kind.
 
-    Raised by `compile()` before anything runs.
+    While building: an argument of the wrong type (a step passed where a
+    node belongs, a class step not instantiated, an option of the wrong
+    type, an async or generator step). At `compile()`, before anything
+    runs: an upstream output type that cannot match a downstream parameter
+    type; the message names both steps, the parameter and both types.
+    """
+
+
+class PipelineValueError(PipelineError, ValueError):
+    """An argument of the right type with a bad value: a step option
+    (`num_replicas=0`, an unknown `execution_mode`), a switch with no
+    branch, an unknown `compile(backend=...)`, a compile with no output.
     """
 
 

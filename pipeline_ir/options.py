@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import TypedDict
 
+from pipeline_ir.errors import PipelineValueError
+
 
 @dataclass(frozen=True, kw_only=True)
 class DeployOptions:
@@ -43,17 +45,17 @@ class DeployOptions:
         if self.max_in_flight is not None and (
             isinstance(self.max_in_flight, bool) or not isinstance(self.max_in_flight, int) or self.max_in_flight < 1
         ):
-            raise ValueError(f"deploy(): max_in_flight must be an int >= 1 or None, got {self.max_in_flight!r}")
+            raise PipelineValueError(f"deploy(): max_in_flight must be an int >= 1 or None, got {self.max_in_flight!r}")
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise ValueError(f"deploy(): max_retries must be an int >= 0, got {self.max_retries!r}")
+            raise PipelineValueError(f"deploy(): max_retries must be an int >= 0, got {self.max_retries!r}")
         for f in fields(self):
             if f.name.endswith("_s"):
                 value = getattr(self, f.name)
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                    raise ValueError(f"deploy(): {f.name} must be a number of seconds >= 0, got {value!r}")
+                    raise PipelineValueError(f"deploy(): {f.name} must be a number of seconds >= 0, got {value!r}")
         for name in ("health_check_period_s", "health_check_timeout_s", "deploy_timeout_s"):
             if getattr(self, name) == 0:
-                raise ValueError(f"deploy(): {name} must be > 0")
+                raise PipelineValueError(f"deploy(): {name} must be > 0")
 
 
 def check_timeout(where: str, timeout: object) -> float | None:
@@ -61,7 +63,7 @@ def check_timeout(where: str, timeout: object) -> float | None:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
-        raise ValueError(f"{where}: timeout must be a number of seconds > 0 or None, got {timeout!r}")
+        raise PipelineValueError(f"{where}: timeout must be a number of seconds > 0 or None, got {timeout!r}")
     return float(timeout)
 
 

@@ -15,28 +15,40 @@ import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Protocol, Union
 
 from pipeline_ir.admission import Admission
-from pipeline_ir.errors import PipelineError
+from pipeline_ir.errors import PipelineError, PipelineValueError
 from pipeline_ir.options import DeployOptions, check_timeout
 
 if TYPE_CHECKING:
     from pipeline_ir.backends.lower import Program
-    from pipeline_ir.compile import CompiledPipeline
+    from pipeline_ir.bindings import Bindings
     from pipeline_ir.ir.graph import Graph
+
+
+class Deployable(Protocol):
+    """What a Pipeline runs: a CompiledPipeline (compile.py) already fitted
+    to the cluster. Named here so that this module never imports the
+    compiler: `CompiledPipeline.deploy()` builds the Pipeline, not the
+    other way round."""
+
+    @property
+    def graph(self) -> Graph: ...
+
+    @property
+    def bindings(self) -> Bindings: ...
+
+    def explain(self) -> str: ...
 
 
 class Pipeline:
     """A deployed pipeline. Use it as a context manager, or call shutdown()."""
 
-    def __init__(self, compiled: CompiledPipeline, options: DeployOptions | None = None) -> None:
-        from pipeline_ir.backends.lower import cluster_gpus, lower, needs_ray
+    def __init__(self, compiled: Deployable, options: DeployOptions | None = None) -> None:
+        from pipeline_ir.backends.lower import lower
 
         self.options = options if options is not None else DeployOptions()
-        if needs_ray(compiled.graph):
-            # GPU placement is decided by a pass, with the cluster's GPUs.
-            compiled = compiled.place(cluster_gpus())
         self.compiled = compiled
         self._program: Program = lower(compiled.graph, compiled.bindings, self.options)
         self._admission = Admission(self.options.max_in_flight, self.options.overload_timeout_s)
@@ -108,7 +120,7 @@ class Pipeline:
         otherwise the first failure is raised and the calls still in flight
         are cancelled."""
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise ValueError(f"map(): max_in_flight must be an int >= 1, got {max_in_flight!r}")
+            raise PipelineValueError(f"map(): max_in_flight must be an int >= 1, got {max_in_flight!r}")
         seconds = check_timeout("map()", timeout)
         self._check_open()
         if not self._program.uses_ray:

@@ -4,7 +4,10 @@ Decorating a function gives a `FunctionStep`; decorating a class gives a
 `ClassStep`, which is instantiated with init args into a `ConfiguredStep`.
 Calling either on nodes records a `CallNode` and runs nothing: a class's
 constructor runs only at deploy(), once per replica. Options are validated
-here, at decoration time, with errors that name the step.
+here, at decoration time, with errors that name the step; so is the shape
+of the callable (a generator or an async def would run differently on
+each backend). The step objects derive from `builder.StepObject`: this
+module builds nodes, builder.py never imports it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, overload
 
-from pipeline_ir.builder import CallNode, PipelineNode, check_argument
+from pipeline_ir.builder import CallNode, PipelineNode, StepObject, check_argument
+from pipeline_ir.errors import PipelineTypeError, PipelineValueError
 
 T = TypeVar("T")
 R = TypeVar("R", covariant=True)
@@ -50,11 +54,11 @@ def _parse_mode(name: str, execution_mode: object) -> ExecutionMode:
         try:
             return ExecutionMode(execution_mode.lower())
         except ValueError:
-            raise ValueError(
+            raise PipelineValueError(
                 f"step {name!r}: unknown execution_mode {execution_mode!r}; "
                 "use 'local', 'tasks' or 'actors' (or pipeline.ExecutionMode)"
             ) from None
-    raise TypeError(
+    raise PipelineTypeError(
         f"step {name!r}: execution_mode must be a pipeline.ExecutionMode or a string, "
         f"not {type(execution_mode).__name__}"
     )
@@ -64,9 +68,9 @@ def _parse_amount(name: str, label: str, value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"step {name!r}: {label} must be a number, not {type(value).__name__}")
+        raise PipelineTypeError(f"step {name!r}: {label} must be a number, not {type(value).__name__}")
     if value < 0:
-        raise ValueError(f"step {name!r}: {label} must be >= 0, got {value}")
+        raise PipelineValueError(f"step {name!r}: {label} must be >= 0, got {value}")
     return float(value)
 
 
@@ -83,23 +87,23 @@ def make_options(
 ) -> StepOptions:
     """Validate the decorator's arguments for `target`."""
     if name is not None and (not isinstance(name, str) or not name):
-        raise TypeError(f"step name must be a non-empty string, got {name!r}")
+        raise PipelineTypeError(f"step name must be a non-empty string, got {name!r}")
     step_name = name if isinstance(name, str) else getattr(target, "__name__", repr(target))
     mode = _parse_mode(step_name, execution_mode)
     if isinstance(num_replicas, bool) or not isinstance(num_replicas, int):
-        raise TypeError(f"step {step_name!r}: num_replicas must be an int, not {type(num_replicas).__name__}")
+        raise PipelineTypeError(f"step {step_name!r}: num_replicas must be an int, not {type(num_replicas).__name__}")
     if num_replicas < 1:
-        raise ValueError(f"step {step_name!r}: num_replicas must be at least 1, got {num_replicas}")
+        raise PipelineValueError(f"step {step_name!r}: num_replicas must be at least 1, got {num_replicas}")
     if num_replicas > 1 and mode is not ExecutionMode.ACTORS:
-        raise ValueError(
+        raise PipelineValueError(
             f"step {step_name!r}: num_replicas={num_replicas} needs execution_mode='actors' "
             f"(got {mode.value!r}); replicas are Ray actors"
         )
     for label, flag in (("fuse", fuse), ("pure", pure)):
         if not isinstance(flag, bool):
-            raise TypeError(f"step {step_name!r}: {label} must be True or False, not {flag!r}")
+            raise PipelineTypeError(f"step {step_name!r}: {label} must be True or False, not {flag!r}")
     if pure and isinstance(target, type):
-        raise ValueError(
+        raise PipelineValueError(
             f"step {step_name!r}: pure=True is for function steps; a class step holds state, "
             "so two calls of it are never merged"
         )
@@ -125,7 +129,7 @@ def _bind(name: str, signature: inspect.Signature | None, args: tuple[object, ..
     try:
         signature.bind(*args, **kwargs)
     except TypeError as e:
-        raise TypeError(f"step {name!r}: {e} (signature {signature}); fix the {what} arguments") from None
+        raise PipelineTypeError(f"step {name!r}: {e} (signature {signature}); fix the {what} arguments") from None
 
 
 def _signature(fn: Callable[..., object], skip_first: bool = False) -> inspect.Signature | None:
@@ -139,10 +143,37 @@ def _signature(fn: Callable[..., object], skip_first: bool = False) -> inspect.S
     return sig
 
 
-class FunctionStep(Generic[R]):
+def _check_synchronous(fn: object, what: str) -> None:
+    """Reject callables whose result is not the step's value.
+
+    A step's result is one value. A generator function returns a generator
+    object, which LOCAL would hand on as is while Ray would iterate it; an
+    async def returns a coroutine, which Ray cannot even pickle. Refusing
+    them here keeps every backend alike.
+    """
+    if inspect.isasyncgenfunction(fn):
+        raise PipelineTypeError(
+            f"{what} is an async generator (async def with yield); a step returns one value: "
+            "make it a plain def that returns a list instead of yielding"
+        )
+    if inspect.iscoroutinefunction(fn):
+        raise PipelineTypeError(
+            f"{what} is an async function (async def); make it a plain def: pipeline_ir runs "
+            "steps synchronously in their worker; use call_async() on the deployed pipeline "
+            "for asyncio"
+        )
+    if inspect.isgeneratorfunction(fn):
+        raise PipelineTypeError(
+            f"{what} is a generator function (it yields); a step returns one value: "
+            "return a list instead of yielding"
+        )
+
+
+class FunctionStep(StepObject, Generic[R]):
     """A decorated function. Calling it on nodes returns a node."""
 
     def __init__(self, fn: Callable[..., R], options: StepOptions) -> None:
+        _check_synchronous(fn, f"step {options.name!r}")
         self.fn = fn
         self.options = options
         self.signature = _signature(fn)
@@ -156,17 +187,24 @@ class FunctionStep(Generic[R]):
         _bind(self.name, self.signature, args, kwargs, "call")
         return CallNode(self, args, kwargs)
 
+    def not_a_node(self, where: str) -> str:
+        return (
+            f"{where}: got the step {self.name!r} itself, not a node; call it on its inputs "
+            f"first, e.g. {self.name}(pipeline.INPUT)"
+        )
+
     def __repr__(self) -> str:
         return f"<pipeline step {self.name} ({self.options.mode.value})>"
 
 
-class ClassStep(Generic[T]):
+class ClassStep(StepObject, Generic[T]):
     """A decorated class. Instantiate it with init args to get a configured
     step; the constructor itself runs only at deploy()."""
 
     def __init__(self, cls: type[T], options: StepOptions) -> None:
         if not any("__call__" in vars(k) for k in cls.__mro__[:-1]):
-            raise TypeError(f"class step {options.name!r} must define __call__(self, ...)")
+            raise PipelineTypeError(f"class step {options.name!r} must define __call__(self, ...)")
+        _check_synchronous(cls.__call__, f"class step {options.name!r}: __call__")
         self.cls = cls
         self.options = options
         self.init_signature = _signature(cls)
@@ -180,18 +218,24 @@ class ClassStep(Generic[T]):
     def __call__(self, *init_args: object, **init_kwargs: object) -> ConfiguredStep:
         for value in (*init_args, *init_kwargs.values()):
             if isinstance(value, PipelineNode):
-                raise TypeError(
+                raise PipelineTypeError(
                     f"class step {self.name!r}: init args are fixed at deploy() and cannot be "
                     f"pipeline nodes; pass nodes to the configured step: {self.name}(...)(node)"
                 )
         _bind(self.name, self.init_signature, init_args, init_kwargs, "init")
         return ConfiguredStep(self, init_args, init_kwargs)
 
+    def not_a_node(self, where: str) -> str:
+        return (
+            f"{where}: got the class step {self.name!r} itself; instantiate it with its init "
+            f"args and call it on its inputs, e.g. {self.name}(...)(pipeline.INPUT)"
+        )
+
     def __repr__(self) -> str:
         return f"<pipeline class step {self.name} ({self.options.mode.value})>"
 
 
-class ConfiguredStep:
+class ConfiguredStep(StepObject):
     """A class step with its init args: one replica pool. Call it on nodes."""
 
     def __init__(self, step: ClassStep[Any], init_args: tuple[object, ...], init_kwargs: dict[str, object]) -> None:
@@ -210,6 +254,12 @@ class ConfiguredStep:
     def __call__(self, *args: object, **kwargs: object) -> CallNode:
         _bind(self.name, self.step.call_signature, args, kwargs, "call")
         return CallNode(self, args, kwargs)
+
+    def not_a_node(self, where: str) -> str:
+        return (
+            f"{where}: got the configured step {self.name!r} without inputs; call it on its "
+            f"inputs, e.g. {self.name}(...)(pipeline.INPUT)"
+        )
 
     def __repr__(self) -> str:
         return f"<pipeline step {self.name}(...) ({self.options.mode.value})>"
@@ -268,14 +318,9 @@ def step(
 
     def decorate(target: Callable[..., Any]) -> FunctionStep[Any] | ClassStep[Any]:
         if isinstance(target, (FunctionStep, ClassStep)):
-            raise TypeError(f"{target!r} is already a pipeline step; decorate it once")
+            raise PipelineTypeError(f"{target!r} is already a pipeline step; decorate it once")
         if not callable(target):
-            raise TypeError(f"pipeline.step decorates a function or a class, not {type(target).__name__}")
-        if inspect.iscoroutinefunction(target):
-            raise TypeError(
-                f"step {getattr(target, '__name__', target)!r} is an async function; steps are "
-                "plain functions (use call_async() on the deployed pipeline for asyncio)"
-            )
+            raise PipelineTypeError(f"pipeline.step decorates a function or a class, not {type(target).__name__}")
         options = make_options(
             target,
             execution_mode=execution_mode,

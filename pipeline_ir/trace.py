@@ -3,8 +3,9 @@
 Walks the objects users built (builder.py) from the outputs back to INPUT and
 records them as IR nodes in topological order, with one StepSpec per step
 (per configured instance for class steps). The callables and non-JSON
-constants go into `Bindings`, beside the graph, so that the Graph stays plain
-data that JSON can carry.
+constants go into `Bindings` (bindings.py), beside the graph, so that the
+Graph stays plain data that JSON can carry. Reads builder.py and step.py;
+neither imports this module, nor does anything a Ray worker runs.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import inspect
 import math
 import re
 import typing
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
-from pipeline_ir.builder import CallNode, InputNode, PipelineNode, ProjectNode, SwitchNode, has_default
+from pipeline_ir.bindings import Bindings, StepBinding
+from pipeline_ir.builder import CallNode, InputNode, PipelineNode, ProjectNode, StepObject, SwitchNode, has_default
+from pipeline_ir.errors import PipelineTypeError, PipelineValueError
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import (
     AnyNode,
@@ -34,27 +36,7 @@ from pipeline_ir.ir.nodes import (
     Value,
 )
 from pipeline_ir.ir.types import ANY, TypeRef, from_annotation, item_type, join
-from pipeline_ir.step import ClassStep, ConfiguredStep, FunctionStep
-
-StepHandle = FunctionStep[object] | ConfiguredStep
-
-
-@dataclass(frozen=True)
-class StepBinding:
-    """What a step key stands for at run time: a function, or a class with
-    the init args its replicas are built with."""
-
-    target: Callable[..., object]
-    init_args: tuple[object, ...] = ()
-    init_kwargs: Mapping[str, object] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Bindings:
-    """The run-time objects a Graph names but cannot hold as data."""
-
-    steps: Mapping[str, StepBinding]
-    constants: Mapping[str, object]
+from pipeline_ir.step import ConfiguredStep, FunctionStep
 
 
 _PARAM_KINDS: dict[inspect._ParameterKind, ParamKind] = {
@@ -151,7 +133,10 @@ class _Tracer:
         self.nodes.append(Constant(id=node_id, type=_type_of_value(value), value=self.value(value, f"const{node_id}")))
         return node_id
 
-    def step_spec(self, handle: StepHandle) -> StepSpec:
+    def step_spec(self, handle: StepObject) -> StepSpec:
+        if not isinstance(handle, (FunctionStep, ConfiguredStep)):
+            # Only these two make call nodes (step.py); a ClassStep is refused earlier.
+            raise PipelineTypeError(f"cannot trace a call of {handle!r}")
         spec = self.steps.get(id(handle))
         if spec is not None:
             return spec
@@ -241,7 +226,7 @@ class _Tracer:
             result_type = join(tuple(self.nodes[b].type for b in branch_ids))
             self.nodes.append(Switch(id=node_id, type=result_type, key=key, cases=cases, default=default))
             return node_id
-        raise TypeError(f"cannot trace {node!r}")
+        raise PipelineTypeError(f"cannot trace {node!r}")
 
 
 def _dependencies(node: PipelineNode) -> list[PipelineNode]:
@@ -266,14 +251,12 @@ def trace(outputs: PipelineNode | tuple[PipelineNode, ...] | list[PipelineNode],
     multi = isinstance(outputs, (tuple, list))
     outs: tuple[object, ...] = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
     if not outs:
-        raise ValueError("compile() needs at least one output node")
+        raise PipelineValueError("compile() needs at least one output node")
     for i, o in enumerate(outs):
-        if isinstance(o, (FunctionStep, ClassStep, ConfiguredStep)):
-            from pipeline_ir.builder import check_argument
-
-            check_argument(o, f"compile() output {i}")
+        if isinstance(o, StepObject):
+            raise PipelineTypeError(o.not_a_node(f"compile() output {i}"))
         if not isinstance(o, PipelineNode):
-            raise TypeError(
+            raise PipelineTypeError(
                 f"compile() output {i} is a {type(o).__name__}, not a pipeline node; "
                 "compile the node returned by calling a step, e.g. compile(step(pipeline.INPUT))"
             )

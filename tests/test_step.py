@@ -89,12 +89,83 @@ def test_decorating_twice_or_non_callable() -> None:
         pipeline.step(42)  # type: ignore[call-overload]
 
 
-def test_async_function_rejected() -> None:
-    async def coro(x: int) -> int:
+# Each result would differ by backend (a generator or coroutine object on
+# LOCAL, an iterated generator or a pickling error on Ray): refused at once.
+
+
+def gen(x: int):  # type: ignore[no-untyped-def]
+    yield x
+
+
+async def coro(x: int) -> int:
+    return x
+
+
+async def agen(x: int):  # type: ignore[no-untyped-def]
+    yield x
+
+
+class AsyncCall:
+    async def __call__(self, x: int) -> int:
         return x
 
-    with pytest.raises(TypeError, match="async function"):
-        pipeline.step(coro)
+
+class GenCall:
+    def __call__(self, x: int):  # type: ignore[no-untyped-def]
+        yield x
+
+
+class AsyncGenCall:
+    async def __call__(self, x: int):  # type: ignore[no-untyped-def]
+        yield x
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (gen, r"step 'gen' is a generator function \(it yields\).*return a list instead of yielding"),
+        (coro, r"step 'coro' is an async function \(async def\); make it a plain def.*call_async\(\)"),
+        (agen, r"step 'agen' is an async generator.*returns a list instead of yielding"),
+        (AsyncCall, r"class step 'AsyncCall': __call__ is an async function.*make it a plain def.*call_async\(\)"),
+        (GenCall, r"class step 'GenCall': __call__ is a generator function.*return a list instead of yielding"),
+        (AsyncGenCall, r"class step 'AsyncGenCall': __call__ is an async generator"),
+    ],
+)
+def test_generators_and_async_steps_rejected_at_decoration(target: object, message: str) -> None:
+    with pytest.raises(pipeline.PipelineTypeError, match=message) as info:
+        pipeline.step(target)  # type: ignore[call-overload]
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(TypeError, match=message):
+        pipeline.step(execution_mode="tasks")(target)
+
+
+def test_rejection_names_the_step_by_its_name_option() -> None:
+    with pytest.raises(TypeError, match=r"step 'tokenizer' is a generator function"):
+        pipeline.step(name="tokenizer")(gen)
+
+
+def test_returning_a_list_is_the_way() -> None:
+    @pipeline.step
+    def tokens(text: str) -> list[str]:
+        return text.split()
+
+    with tokens(pipeline.INPUT).deploy() as p:
+        assert p.call("a b") == ["a", "b"]
+
+
+def test_build_errors_are_pipeline_errors_and_builtins() -> None:
+    with pytest.raises(pipeline.PipelineValueError) as value_error:
+        pipeline.step(execution_mode="gpu")(f)
+    assert isinstance(value_error.value, ValueError) and isinstance(value_error.value, pipeline.PipelineError)
+    with pytest.raises(pipeline.PipelineTypeError) as type_error:
+        pipeline.step(num_cpus="1")(f)  # type: ignore[call-overload]
+    assert isinstance(type_error.value, TypeError) and isinstance(type_error.value, pipeline.PipelineError)
+    with pytest.raises(pipeline.PipelineTypeError, match="got the step 'f' itself"):
+        pipeline.step(f)(pipeline.step(f))
+    with pytest.raises(pipeline.PipelineValueError, match="unknown backend"):
+        pipeline.compile(pipeline.step(f)(pipeline.INPUT), backend="gpu")  # type: ignore[arg-type]
+    with pytest.raises(pipeline.PipelineValueError, match="at least one output"):
+        pipeline.compile(())
 
 
 def test_class_without_call_rejected() -> None:

@@ -198,9 +198,22 @@ def test_compatible_types_pass() -> None:
     def untyped(x):  # type: ignore[no-untyped-def]
         return x
 
-    pipeline.compile(takes_float(add_one(pipeline.INPUT)))  # int -> float: numeric tower
-    pipeline.compile(takes_optional(add_one(pipeline.INPUT)))
-    pipeline.compile(add_one(untyped(to_str(pipeline.INPUT))))  # Any in between
+    # int -> float: the numeric tower; the parameter keeps its own type.
+    widened = raw(takes_float(add_one(pipeline.INPUT)))
+    assert "%1: int = add_one(%0)\n  %2: float = takes_float(%1)" in widened.dump()
+    assert widened.step("takes_float").params[0].type.name == "builtins.float"
+    # int -> int | None: a member of the union.
+    optional = pipeline.compile(takes_optional(add_one(pipeline.INPUT)))
+    assert [a.name for a in optional.graph.step("takes_optional").params[0].type.args] == ["builtins.int", "builtins.NoneType"]
+    with optional.deploy() as p:
+        assert p.call(-1) == 0 and p.call(1) == 2
+    # Any in between: nothing to check at compile, so a mismatch shows when it runs.
+    unchecked = pipeline.compile(add_one(untyped(to_str(pipeline.INPUT))))
+    assert "%2: Any = untyped(%1)" in unchecked.source_graph.dump()
+    with unchecked.deploy() as p:
+        with pytest.raises(pipeline.StepError, match=r"step 'add_one' \(node %3\) raised TypeError") as info:
+            p.call(1)
+        assert isinstance(info.value.__cause__, TypeError)
 
 
 def test_deep_chain_does_not_hit_recursion_limit() -> None:
