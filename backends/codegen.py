@@ -85,7 +85,18 @@ _counter = itertools.count()
 
 # Names the runtime helpers are bound under (ray_runtime.runtime_globals,
 # `_no_match` below): reserved before any other name is allocated.
-RUNTIME_NAMES = ("_get", "_aget", "_get_many", "_aget_many", "_no_match")
+RUNTIME_NAMES = ("_get", "_aget", "_get_many", "_aget_many", "_no_match", "_clock")
+
+
+class Probes(Protocol):
+    """Where the figures of LOCAL calls go (backends/stats.py): a counter
+    bumped after each call returns and, in the timed variant of a program,
+    a recorder of its duration. Both are C-level callables, so a probe
+    costs tens of nanoseconds."""
+
+    def counter(self, node_id: int) -> Callable[[], object]: ...
+
+    def recorder(self, node_id: int) -> Callable[[float], object]: ...
 
 
 @dataclass
@@ -94,6 +105,8 @@ class _Emitter:
     launchers: Mapping[Mode, Launcher]
     constants: Mapping[str, object]
     is_async: bool
+    probes: Probes | None = None  # count LOCAL calls for Pipeline.stats()
+    timed: bool = False  # and time them (`_clock`)
     lines: list[str] = field(default_factory=list)
     line_nodes: dict[int, int] = field(default_factory=dict)
     globals: dict[str, object] = field(default_factory=dict)
@@ -166,7 +179,17 @@ class _Emitter:
                 # One global per step key: every call of a step shares it.
                 name = self.bind(("step", step.key), step.name, launcher.callee(node))
                 args = self.arguments(node, not launcher.remote, indent)
+                probes = self.probes if not launcher.remote else None
+                timer = self.names.name(("clock", node.id), f"t{node.id}") if probes and self.timed else None
+                if timer is not None:
+                    self.emit(indent, f"{timer} = _clock()")
                 self.emit(indent, f"{self.var(node.id)} = {launcher.expr(node, name, args, self.is_async)}", node.id)
+                if probes is not None:
+                    count = self.bind(("count", node.id), f"count_{step.name}", probes.counter(node.id))
+                    self.emit(indent, f"{count}()")
+                if probes is not None and timer is not None:
+                    record = self.bind(("record", node.id), f"record_{step.name}", probes.recorder(node.id))
+                    self.emit(indent, f"{record}(_clock() - {timer})")
             case Project(source=source, key=key):
                 self.emit(indent, f"{self.var(node.id)} = {self.local(source, indent)}[{key!r}]", node.id)
             case Fused(mode=mode, inputs=inputs):
@@ -252,9 +275,13 @@ def generate(
     runtime: Mapping[str, object],
     *,
     is_async: bool = False,
+    probes: Probes | None = None,
+    timed: bool = False,
 ) -> PythonCode:
-    """The program that runs one call of `graph`: `run(v0)` or `arun(v0)`."""
-    emitter = _Emitter(graph, launchers, constants, is_async)
+    """The program that runs one call of `graph`: `run(v0)` or `arun(v0)`.
+    With `probes`, LOCAL calls are counted and, when `timed`, timed
+    through the `_clock` helper that `runtime` then provides."""
+    emitter = _Emitter(graph, launchers, constants, is_async, probes, timed)
     emitter.globals.update(runtime)
     items = schedule(graph.nodes, graph.outputs)
     return emitter.function("arun" if is_async else "run", (0,), items, graph.outputs, graph.multi_output)

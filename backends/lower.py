@@ -7,13 +7,18 @@ generated sync and async entry points plus what must be closed at shutdown.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import itertools
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import cast
 
 from pipeline_ir.backends import calls
 from pipeline_ir.backends.codegen import Launcher, PythonCode, generate, translate_error
 from pipeline_ir.backends.local import LocalLauncher
+from pipeline_ir.backends.stats import PipelineStats
+from pipeline_ir.backends.stats import TIMED_EVERY
+from pipeline_ir.backends.stats import clock as stats_clock
+from pipeline_ir.backends.stats import export as export_stats
 from pipeline_ir.bindings import Bindings
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Fused, Mode
@@ -27,28 +32,56 @@ class Program:
     graph: Graph
     run: Callable[[object], object]
     arun: Callable[[object], Awaitable[object]]
+    # The same programs with LOCAL steps timed: one call in TIMED_EVERY.
+    run_timed: Callable[[object], object]
+    arun_timed: Callable[[object], Awaitable[object]]
     code: PythonCode
     async_code: PythonCode
     uses_ray: bool
+    stats: PipelineStats
     closers: list[Callable[[], None]] = field(default_factory=list)
 
-    live: set[calls.CallState] = field(default_factory=set)  # calls running now
+    timed_code: PythonCode | None = None
+    timed_async_code: PythonCode | None = None
+    live: set[calls.CallState] = field(default_factory=set)  # Ray calls running now
+    _tick: Iterator[int] = field(default_factory=itertools.count)
 
-    def translate(self, exc: BaseException, is_async: bool = False) -> BaseException:
-        """The user-facing error for an exception raised by run/arun."""
-        return translate_error(exc, self.async_code if is_async else self.code, self.graph)
+    def translate(self, exc: BaseException, is_async: bool = False, code: PythonCode | None = None) -> BaseException:
+        """The user-facing error for an exception raised by run/arun (or
+        the program of `code`)."""
+        if code is None:
+            code = self.async_code if is_async else self.code
+        return translate_error(exc, code, self.graph)
+
+    def _fail(self, exc: BaseException, code: PythonCode | None, state: calls.CallState | None) -> BaseException:
+        if state is not None:
+            state.cancel_unfinished()
+        error = self.translate(exc, code=code)
+        self.stats.failed(getattr(error, "node_id", None))
+        return error
 
     def call(self, x: object, timeout: float | None = None) -> object:
         """One call with an optional deadline; on failure, what the call
-        left running is cancelled before the error is raised."""
+        left running is cancelled before the error is raised.
+
+        The deadline bounds the waits for remote work: LOCAL steps run in
+        this thread and are never preempted, so a call of a LOCAL-only
+        pipeline takes no call state at all."""
+        if next(self._tick) % TIMED_EVERY:
+            run, code = self.run, self.code
+        else:
+            run, code = self.run_timed, self.timed_code
+        if not self.uses_ray:
+            try:
+                return run(x)
+            except Exception as e:
+                raise self._fail(e, code, None)  # noqa: B904 (a StepError carries its cause)
         state, token = calls.begin(timeout)
         self.live.add(state)
         try:
-            return self.run(x)
+            return run(x)
         except BaseException as e:
-            if self.uses_ray:
-                state.cancel_unfinished()
-            raise self.translate(e)  # noqa: B904 (a StepError carries its cause)
+            raise self._fail(e, code, state)  # noqa: B904
         finally:
             self.live.discard(state)
             calls.end(token)
@@ -56,17 +89,19 @@ class Program:
     async def acall(self, x: object, timeout: float | None = None) -> object:
         """`call` for asyncio. Cancelling the awaiting task (asyncio.wait_for,
         a client gone) cancels the call's remote work too."""
-        state, token = calls.begin(timeout)
-        self.live.add(state)
+        timed = next(self._tick) % TIMED_EVERY == 0
+        arun, code = (self.arun_timed, self.timed_async_code) if timed else (self.arun, self.async_code)
+        state, token = calls.begin(timeout) if self.uses_ray else (None, None)
+        if state is not None:
+            self.live.add(state)
         try:
-            return await self.arun(x)
+            return await arun(x)
         except BaseException as e:
-            if self.uses_ray:
-                state.cancel_unfinished()
-            raise self.translate(e, is_async=True)  # noqa: B904
+            raise self._fail(e, code, state)  # noqa: B904
         finally:
-            self.live.discard(state)
-            calls.end(token)
+            if state is not None and token is not None:
+                self.live.discard(state)
+                calls.end(token)
 
     def close(self) -> None:
         """Cancel the calls still running, then release every resource
@@ -118,7 +153,8 @@ def lower(graph: Graph, bindings: Bindings, options: DeployOptions | None = None
     used = modes(graph)
     closers: list[Callable[[], None]] = []
     launchers: dict[Mode, Launcher] = {"local": LocalLauncher(graph, bindings.steps, local_keys(graph))}
-    runtime: dict[str, object] = {}
+    stats = PipelineStats(graph)
+    runtime: dict[str, object] = {"_clock": stats_clock}
     uses_ray = needs_ray(graph)
     try:
         if uses_ray:
@@ -139,13 +175,22 @@ def lower(graph: Graph, bindings: Bindings, options: DeployOptions | None = None
             from pipeline_ir.backends.ray_tasks import TaskLauncher
 
             launchers["tasks"] = TaskLauncher(graph, bindings, colocation)
-        code = generate(graph, launchers, bindings.constants, runtime)
-        async_code = generate(graph, launchers, bindings.constants, runtime, is_async=True)
+        consts = bindings.constants
+        code = generate(graph, launchers, consts, runtime, probes=stats)
+        async_code = generate(graph, launchers, consts, runtime, is_async=True, probes=stats)
+        timed_code = generate(graph, launchers, consts, runtime, probes=stats, timed=True)
+        timed_async = generate(graph, launchers, consts, runtime, is_async=True, probes=stats, timed=True)
         run = code.load()
         # The async source defines `async def arun`: calling it gives a coroutine.
         arun = cast(Callable[[object], Awaitable[object]], async_code.load())
+        run_timed = timed_code.load()
+        arun_timed = cast(Callable[[object], Awaitable[object]], timed_async.load())
     except BaseException:
         for close in closers:
             close()
         raise
-    return Program(graph, run, arun, code, async_code, uses_ray, closers)
+    if uses_ray:
+        export_stats(stats, graph.name)
+    return Program(
+        graph, run, arun, run_timed, arun_timed, code, async_code, uses_ray, stats, closers, timed_code, timed_async
+    )

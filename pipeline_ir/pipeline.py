@@ -80,13 +80,18 @@ class Pipeline:
         naming the step still running, and the rest of the call is
         cancelled. Past `deploy(max_in_flight=N)` calls in flight, raises
         PipelineOverloadedError after `overload_timeout_s`."""
-        seconds = check_timeout("call()", timeout)
-        self._check_open()
-        self._admission.enter()
+        if timeout is not None:
+            timeout = check_timeout("call()", timeout)
+        if self._closed:
+            self._check_open()
+        admission = self._admission
+        if admission.limit is None:  # the common case, kept short: a LOCAL call costs ~1 us
+            return self._program.call(x, timeout)
+        admission.enter()
         try:
-            return self._program.call(x, seconds)
+            return self._program.call(x, timeout)
         finally:
-            self._admission.exit()
+            admission.exit()
 
     async def call_async(self, x: object = None, *, timeout: float | None = None) -> object:
         """`call` for asyncio: awaits Ray results instead of blocking.
@@ -128,6 +133,22 @@ class Pipeline:
             return _map_local(self, xs, seconds, return_exceptions)
         limit = max_in_flight if self.options.max_in_flight is None else min(max_in_flight, self.options.max_in_flight)
         return _map_async(lambda x: self._call_for_map(x, seconds), xs, limit, return_exceptions)
+
+    def stats(self) -> dict[str, dict[str, float | int | None]]:
+        """Live figures of each step: `calls`, `errors`, `p50_s`, `p99_s`
+        (latency of the last calls, None before any), `in_flight`, and
+        `mean_batch_size` for batched steps. Keyed by step name (its key,
+        `model#2`, when two steps share a name); a remote fused group by
+        its steps' keys joined with "+". docs/operations.md says what each
+        figure measures."""
+        return self._program.stats.snapshot()
+
+    def dump(self, stats: bool = True) -> str:
+        """The IR this pipeline runs, as text, with each node's live
+        figures beside it (`stats=False`: the plain dump): where the time
+        of a call goes, on the graph you compiled."""
+        text = self.graph.dump()
+        return self._program.stats.annotate(text) if stats else text
 
     def shutdown(self) -> None:
         """Cancel the calls still running and end every actor of the

@@ -269,7 +269,11 @@ def test_async_errors_are_step_errors() -> None:
 
 def test_generated_code_is_straight_line() -> None:
     with pipeline.compile(double(add_one(pipeline.INPUT))).deploy() as p:
-        assert p.code == "def run(v0):\n    v1 = add_one(v0)\n    v2 = double(v1)\n    v3 = v2\n    return v3\n"
+        # One line a node, plus the C-level counter bump Pipeline.stats() reads.
+        assert p.code == (
+            "def run(v0):\n    v1 = add_one(v0)\n    count_add_one()\n    v2 = double(v1)\n    count_double()\n"
+            "    v3 = v2\n    return v3\n"
+        )
 
 
 def test_local_pipeline_never_imports_ray_or_torch() -> None:
