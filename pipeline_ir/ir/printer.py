@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import assert_never
 
-from pipeline_ir.ir.graph import Graph
+from pipeline_ir.ir.graph_data import GraphData
 from pipeline_ir.ir.nodes import (
     AnyNode,
     Call,
@@ -90,7 +90,7 @@ def _lhs(node: AnyNode) -> str:
     return f"%{node.id}: {render(node.type)}"
 
 
-def _node_lines(graph: Graph, node: AnyNode, indent: str) -> list[str]:
+def _node_lines(graph: GraphData, node: AnyNode, indent: str) -> list[str]:
     match node:
         case Input():
             return []
@@ -124,7 +124,7 @@ def _node_lines(graph: Graph, node: AnyNode, indent: str) -> list[str]:
             assert_never(node)
 
 
-def dump(graph: Graph) -> str:
+def dump(graph: GraphData) -> str:
     """The text form of `graph`."""
     inp = graph.nodes[0]
     out_types = [render(graph.node(o).type) for o in graph.outputs]
@@ -136,7 +136,7 @@ def dump(graph: Graph) -> str:
     return "\n".join(lines)
 
 
-def node_label(graph: Graph, node_id: int) -> str:
+def node_label(graph: GraphData, node_id: int) -> str:
     """What errors call a node: its step's name, or what the op does."""
     node = graph.node(node_id)
     match node:
@@ -156,12 +156,12 @@ def node_label(graph: Graph, node_id: int) -> str:
             assert_never(node)
 
 
-def _dot_label(graph: Graph, node: AnyNode) -> str:
+def _dot_label(graph: GraphData, node: AnyNode) -> str:
     text = "\n".join(line.strip() for line in _node_lines(graph, node, "")[:1]) or f"%{node.id}: {render(node.type)} = input"
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def to_dot(graph: Graph) -> str:
+def to_dot(graph: GraphData) -> str:
     """Graphviz source: one box a node, fused groups as clusters."""
     lines = [f'digraph "{graph.name}" {{', "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
 
@@ -199,9 +199,7 @@ def to_dot(graph: Graph) -> str:
     return "\n".join(lines)
 
 
-def _visible(graph: Graph, node_id: int) -> int:
+def _visible(graph: GraphData, node_id: int) -> int:
     """A fused group's id stands for its output inside it when drawing edges."""
-    for n in graph.nodes:
-        if isinstance(n, Fused) and n.id == node_id:
-            return n.output
-    return node_id
+    node = graph.index().nodes.get(node_id)
+    return node.output if isinstance(node, Fused) else node_id
