@@ -110,22 +110,18 @@ def _why_apart(graph: Graph, a: _Remote, b: _Remote, source: int, consumer: int,
         used = ", ".join(f"%{r}" for r in others) + (" and the caller" if CALLER in distinct else "")
         return f"%{source} has several readers ({used}), and a fused group has one output"
     if a.mode == "actors":
-        shared = sorted({s.name for s in a.steps + b.steps if _calls(graph, s.key) - {source, consumer}})
+        shared = sorted({s.name for s in a.steps + b.steps if _called_outside(graph, s.key, {source, consumer})})
         if shared:
             return f"{', '.join(shared)} also {'runs' if len(shared) == 1 else 'run'} elsewhere, and one step's replica pool is never split"
     return "no fusion pass merged them (fuse_tasks / colocate_actors did not run)"
 
 
-def _calls(graph: Graph, key: str) -> set[int]:
-    """Ids of the top-level nodes that call step `key` (a call, or a fused
-    group with such a call in its body)."""
-    out: set[int] = set()
-    for n in graph.nodes:
-        if isinstance(n, Call) and n.step == key:
-            out.add(n.id)
-        elif isinstance(n, Fused) and any(isinstance(b, Call) and b.step == key for b in n.body):
-            out.add(n.id)
-    return out
+def _called_outside(graph: Graph, key: str, units: set[int]) -> bool:
+    """Whether a top-level node other than `units` calls step `key` (a
+    call, or a fused group with such a call in its body). Stops at the
+    first call outside them instead of collecting every call of the step."""
+    index = graph.index()
+    return any(index.unit[c] not in units for c in index.calls.get(key, ()))
 
 
 class _UnionFind:
