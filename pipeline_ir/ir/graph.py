@@ -19,6 +19,8 @@ from pipeline_ir.ir.verify import verify
 __all__ = ["CALLER", "Graph", "GraphIndex"]
 
 
+# The lookups (`node`, `step`, `all_nodes`, `readers`, `index`) and
+# `to_json` are GraphData's; the docstring below is the JSON schema's too.
 class Graph(GraphData, frozen=True, kw_only=True, dict=True):
     """A pipeline in the IR.
 
@@ -26,8 +28,7 @@ class Graph(GraphData, frozen=True, kw_only=True, dict=True):
     each step key used by a `call` node to its spec (a tuple, sorted by
     first use, so that JSON stays canonical). `outputs` are the node ids
     whose values a call returns: one value when `multi_output` is false,
-    else a tuple. Lookups: `node(id)`, `step(key)`, `all_nodes()`,
-    `readers()` and `index()` (graph_data.py).
+    else a tuple.
 
     Example (see nodes.py for every op kind)::
 

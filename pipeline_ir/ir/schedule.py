@@ -103,12 +103,12 @@ def schedule(nodes: tuple[AnyNode, ...], outputs: tuple[int, ...]) -> Block:
     # level under None, an arm under (switch id, arm index).
     members: dict[tuple[int, int] | None, list[AnyNode]] = {None: []}
     for n in nodes:
-        sw_id = owner.get(n.id)
-        if sw_id is None:
+        inside = owner.get(n.id)
+        if inside is None:
             members[None].append(n)
         else:
-            for arm in sorted(regions[sw_id][n.id]):
-                members.setdefault((sw_id, arm), []).append(n)
+            for arm in sorted(regions[inside][n.id]):
+                members.setdefault((inside, arm), []).append(n)
 
     def block(arm_key: tuple[int, int] | None) -> Block:
         items: list[Item] = []
