@@ -38,6 +38,7 @@ from pipeline_ir.ir.nodes import (
 from pipeline_ir.ir.types import render
 
 _COMMENT_COLUMN = 48
+_LABEL_STEPS = 8  # a fused group's label names at most this many steps
 
 
 def value_text(value: Value) -> str:
@@ -137,13 +138,20 @@ def dump(graph: GraphData) -> str:
 
 
 def node_label(graph: GraphData, node_id: int) -> str:
-    """What errors call a node: its step's name, or what the op does."""
+    """What errors call a node: its step's name, the names of a fused
+    group's steps joined by + (a long group's middle elided: `a+b+...+z`),
+    or what the op does."""
     node = graph.node(node_id)
     match node:
         case Call(step=key):
             return graph.step(key).name
         case Fused(body=body):
-            return "+".join(graph.step(b.step).name for b in body if isinstance(b, Call))
+            names = [graph.step(b.step).name for b in body if isinstance(b, Call)]
+            if len(names) > _LABEL_STEPS:
+                # Records name a unit once per edge: a long group keeps its
+                # first steps and its last, so a label stays short.
+                names = names[: _LABEL_STEPS - 2] + ["...", names[-1]]
+            return "+".join(names)
         case Project():
             return "getitem"
         case Switch():
