@@ -32,7 +32,7 @@ def instantiate(step: StepSpec, binding: StepBinding, node_id: int) -> Callable[
 
 def first_call(graph: Graph, key: str) -> int:
     """The id of the first node that calls step `key` (for error messages)."""
-    return next(n.id for n in graph.all_nodes() if isinstance(n, Call) and n.step == key)
+    return graph.index().calls[key][0]
 
 
 class LocalLauncher:

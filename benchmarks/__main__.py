@@ -6,7 +6,8 @@ this process, and writes
 
     benchmarks/results/latest.json     the machine, the date and every result
     benchmarks/results/latest.md       the same as Markdown tables (for docs/benchmarks.md)
-    benchmarks/results/NAME.png        one bar chart per benchmark
+    benchmarks/results/NAME.json       the machine, the date and that benchmark's result
+    benchmarks/results/NAME.png        one chart per benchmark (bars, unless it draws its own)
 
 Each module exposes `run() -> dict` returning
 
@@ -16,9 +17,12 @@ Each module exposes `run() -> dict` returning
      "notes": str,
      "skipped": {label: reason}}          # optional: rows that could not run
 
+and may add keys of its own; a module that also defines
+`plot(result, path)` draws its chart itself (bench_compile.py: log-log).
+
 A benchmark that raises is recorded with its error and the others still run;
 the exit status is 1 when any did. A run of a subset writes latest.json with
-that subset only.
+that subset only; each NAME.json keeps the last run of that benchmark.
 """
 
 from __future__ import annotations
@@ -192,16 +196,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ratio {key}: {value:.2f}")
         if result["notes"]:
             print(f"  notes: {result['notes']}")
-        plot(result, RESULTS / f"{result['name']}.png")
+        chart = getattr(importlib.import_module(f"benchmarks.{name}"), "plot", plot)
+        chart(result, RESULTS / f"{result['name']}.png")
+        _write(RESULTS / f"{result['name']}.json", json.dumps({"machine": report["machine"], "benchmark": result}, indent=2) + "\n")
         print(f"  ({result['seconds']} s)", flush=True)
 
     _shutdown_ray()
-    for out, text in ((RESULTS / "latest.json", json.dumps(report, indent=2) + "\n"), (RESULTS / "latest.md", markdown(report))):
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+    _write(RESULTS / "latest.json", json.dumps(report, indent=2) + "\n")
+    _write(RESULTS / "latest.md", markdown(report))
     print(f"wrote {RESULTS.relative_to(HERE.parent)}/latest.json, latest.md and the charts")
     return 1 if any("error" in r for r in report["benchmarks"]) else 0
+
+
+def _write(out: Path, text: str) -> None:
+    """Replace `out` whole (a reader never sees half a file)."""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
 
 
 def _shutdown_ray() -> None:

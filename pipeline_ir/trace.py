@@ -264,7 +264,8 @@ def trace(outputs: PipelineNode | tuple[PipelineNode, ...] | list[PipelineNode],
     nodes_out = tuple(o for o in outs if isinstance(o, PipelineNode))
     tracer.trace(nodes_out)
     output_ids = tuple(tracer.ids[id(o)] for o in nodes_out)
-    steps = tuple(sorted(tracer.steps.values(), key=lambda s: _first_use(tracer.nodes, s.key)))
+    first_use = _first_uses(tracer.nodes)
+    steps = tuple(sorted(tracer.steps.values(), key=lambda s: first_use[s.key]))
     graph = Graph(
         name=name or _default_name(nodes_out, tracer),
         nodes=tuple(tracer.nodes),
@@ -275,8 +276,13 @@ def trace(outputs: PipelineNode | tuple[PipelineNode, ...] | list[PipelineNode],
     return graph, Bindings(steps=dict(tracer.bindings), constants=dict(tracer.constants))
 
 
-def _first_use(nodes: list[AnyNode], key: str) -> int:
-    return next(n.id for n in nodes if isinstance(n, Call) and n.step == key)
+def _first_uses(nodes: list[AnyNode]) -> dict[str, int]:
+    """Each step key -> the id of the first node calling it (one walk, not one per step)."""
+    first: dict[str, int] = {}
+    for n in nodes:
+        if isinstance(n, Call):
+            first.setdefault(n.step, n.id)
+    return first
 
 
 def _default_name(outputs: tuple[PipelineNode, ...], tracer: _Tracer) -> str:

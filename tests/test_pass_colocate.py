@@ -180,3 +180,37 @@ def test_unconnected_edges_get_different_labels_and_shared_steps_join_them() -> 
     compiled = traced((wants(decode(pipeline.INPUT)), h(m(pipeline.INPUT))))
     result = apply(colocate, compiled.graph)
     assert {s.name: s.colocate for s in result.graph.steps} == {"decode": "c1", "wants": "c1", "Model": "c2", "Tail": "c2"}
+
+
+def _wants(a: np.ndarray) -> int:
+    return int(a.sum())
+
+
+def test_a_wide_fan_out_names_a_few_readers_and_counts_the_rest() -> None:
+    # Twelve task steps read one array: each edge's record lists eight
+    # readers and says how many more, so records stay short however wide.
+    d = decode(pipeline.INPUT)
+    readers = tuple(pipeline.step(execution_mode="tasks", name=f"w{i}")(_wants)(d) for i in range(12))
+    result = apply(colocate, traced(readers).graph)
+    assert len(result.rewrites) == 12
+    assert result.rewrites[0] == (
+        "%1 -> %2 (ndarray, decode -> w0) stays a cross-process hop: %1 has several readers "
+        "(%2, %3, %4, %5, %6, %7, %8, %9 and 4 more), and a fused group has one output; "
+        "colocate=c1 puts both ends on one node"
+    )
+    assert {s.colocate for s in result.graph.steps} == {"c1"}
+
+
+def test_a_long_fused_group_is_labelled_by_its_first_and_last_steps() -> None:
+    # Ten tasks steps fused into one group, read by two GPU steps that cannot join it.
+    node = pipeline.INPUT
+    for i in range(10):
+        node = pipeline.step(execution_mode="tasks", name=f"t{i}")(_identity)(node)
+    compiled = traced((gpu_wants(node), gpu_wants(node)))
+    fused = run_passes(compiled.graph, [fuse_tasks])[0]
+    result = apply(colocate, fused)
+    assert "(ndarray, t0+t1+t2+t3+t4+t5+...+t9 -> gpu_wants)" in result.rewrites[0]
+
+
+def _identity(a: np.ndarray) -> np.ndarray:
+    return a

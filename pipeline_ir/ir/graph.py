@@ -1,22 +1,27 @@
-"""`Graph`: the whole pipeline as immutable data, and its JSON form.
+"""`Graph`: the whole pipeline as immutable data, and its text, Graphviz
+and JSON forms.
 
 A Graph holds nodes in topological order (nodes.py is the reference of op
-kinds), the steps they call, and which nodes are the outputs. Printing lives
-in printer.py, checking in verify.py; this file holds only the structure and
-the lookups every consumer needs.
+kinds), the steps they call, and which nodes are the outputs. Its fields
+and lookups live in graph_data.py, printing in printer.py, checking in
+verify.py; this file puts them together as the public class, so that it
+imports them and none of them imports it.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-from pipeline_ir.ir.nodes import AnyNode, Fused, StepSpec, node_inputs
+from pipeline_ir.ir.graph_data import CALLER, GraphData, GraphIndex
+from pipeline_ir.ir.printer import dump, to_dot
+from pipeline_ir.ir.verify import verify
+
+__all__ = ["CALLER", "Graph", "GraphIndex"]
 
 
-CALLER = -1  # the reader of a graph output, in `Graph.readers()`
-
-
-class Graph(msgspec.Struct, frozen=True, kw_only=True):
+# The lookups (`node`, `step`, `all_nodes`, `readers`, `index`) and
+# `to_json` are GraphData's; the docstring below is the JSON schema's too.
+class Graph(GraphData, frozen=True, kw_only=True, dict=True):
     """A pipeline in the IR.
 
     `nodes` are in topological order, the input node first. `steps` maps
@@ -34,55 +39,6 @@ class Graph(msgspec.Struct, frozen=True, kw_only=True):
           return %2
     """
 
-    name: str
-    nodes: tuple[AnyNode, ...]
-    steps: tuple[StepSpec, ...]
-    outputs: tuple[int, ...]
-    multi_output: bool = False
-
-    # -- lookups (computed on demand: the Graph itself stays plain data) --
-
-    def node(self, node_id: int) -> AnyNode:
-        """The node with id `node_id` (also found inside fused groups)."""
-        for n in self.all_nodes():
-            if n.id == node_id:
-                return n
-        raise KeyError(f"graph {self.name!r} has no node %{node_id}")
-
-    def step(self, key: str) -> StepSpec:
-        """The spec of step `key`."""
-        for s in self.steps:
-            if s.key == key:
-                return s
-        raise KeyError(f"graph {self.name!r} has no step {key!r}")
-
-    def all_nodes(self) -> tuple[AnyNode, ...]:
-        """Top-level nodes and the nodes inside fused groups, in order."""
-        out: list[AnyNode] = []
-        for n in self.nodes:
-            if isinstance(n, Fused):
-                out.extend(n.body)
-            out.append(n)
-        return tuple(out)
-
-    def readers(self) -> dict[int, list[int]]:
-        """For each top-level node id, the ids of top-level nodes reading it,
-        one entry per reading (a node read twice appears twice); a graph
-        output is also read by the caller, recorded as `CALLER`."""
-        readers: dict[int, list[int]] = {n.id: [] for n in self.nodes}
-        for n in self.nodes:
-            for i in node_inputs(n):
-                readers[i].append(n.id)
-        for o in self.outputs:
-            readers[o].append(CALLER)
-        return readers
-
-    # -- serialized forms --
-
-    def to_json(self) -> bytes:
-        """The graph as JSON (schema: docs/ir.md). Round-trips exactly."""
-        return msgspec.json.encode(self)
-
     @staticmethod
     def from_json(data: bytes | str) -> Graph:
         """Decode a graph from `to_json()` output.
@@ -90,22 +46,16 @@ class Graph(msgspec.Struct, frozen=True, kw_only=True):
         Decoding is strict and builds only IR structs: it never imports a
         module or unpickles anything. Structure is checked with `verify()`.
         """
-        from pipeline_ir.ir.verify import verify
-
         graph = msgspec.json.decode(data, type=Graph)
         verify(graph)
         return graph
 
     def dump(self) -> str:
         """The graph as text, one node a line (grammar: docs/ir.md)."""
-        from pipeline_ir.ir.printer import dump
-
         return dump(self)
 
     def to_dot(self) -> str:
         """The graph as Graphviz source."""
-        from pipeline_ir.ir.printer import to_dot
-
         return to_dot(self)
 
     def __str__(self) -> str:

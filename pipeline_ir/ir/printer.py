@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import assert_never
 
-from pipeline_ir.ir.graph import Graph
+from pipeline_ir.ir.graph_data import GraphData
 from pipeline_ir.ir.nodes import (
     AnyNode,
     Call,
@@ -38,6 +38,7 @@ from pipeline_ir.ir.nodes import (
 from pipeline_ir.ir.types import render
 
 _COMMENT_COLUMN = 48
+_LABEL_STEPS = 8  # a fused group's label names at most this many steps
 
 
 def value_text(value: Value) -> str:
@@ -94,7 +95,7 @@ def _lhs(node: AnyNode) -> str:
     return f"%{node.id}: {render(node.type)}"
 
 
-def _node_lines(graph: Graph, node: AnyNode, indent: str) -> list[str]:
+def _node_lines(graph: GraphData, node: AnyNode, indent: str) -> list[str]:
     match node:
         case Input():
             return []
@@ -128,7 +129,7 @@ def _node_lines(graph: Graph, node: AnyNode, indent: str) -> list[str]:
             assert_never(node)
 
 
-def dump(graph: Graph) -> str:
+def dump(graph: GraphData) -> str:
     """The text form of `graph`."""
     inp = graph.nodes[0]
     out_types = [render(graph.node(o).type) for o in graph.outputs]
@@ -140,14 +141,21 @@ def dump(graph: Graph) -> str:
     return "\n".join(lines)
 
 
-def node_label(graph: Graph, node_id: int) -> str:
-    """What errors call a node: its step's name, or what the op does."""
+def node_label(graph: GraphData, node_id: int) -> str:
+    """What errors call a node: its step's name, the names of a fused
+    group's steps joined by + (a long group's middle elided: `a+b+...+z`),
+    or what the op does."""
     node = graph.node(node_id)
     match node:
         case Call(step=key):
             return graph.step(key).name
         case Fused(body=body):
-            return "+".join(graph.step(b.step).name for b in body if isinstance(b, Call))
+            names = [graph.step(b.step).name for b in body if isinstance(b, Call)]
+            if len(names) > _LABEL_STEPS:
+                # Records name a unit once per edge: a long group keeps its
+                # first steps and its last, so a label stays short.
+                names = names[: _LABEL_STEPS - 2] + ["...", names[-1]]
+            return "+".join(names)
         case Project():
             return "getitem"
         case Switch():
@@ -160,12 +168,12 @@ def node_label(graph: Graph, node_id: int) -> str:
             assert_never(node)
 
 
-def _dot_label(graph: Graph, node: AnyNode) -> str:
+def _dot_label(graph: GraphData, node: AnyNode) -> str:
     text = "\n".join(line.strip() for line in _node_lines(graph, node, "")[:1]) or f"%{node.id}: {render(node.type)} = input"
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def to_dot(graph: Graph) -> str:
+def to_dot(graph: GraphData) -> str:
     """Graphviz source: one box a node, fused groups as clusters."""
     lines = [f'digraph "{graph.name}" {{', "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
 
@@ -203,9 +211,7 @@ def to_dot(graph: Graph) -> str:
     return "\n".join(lines)
 
 
-def _visible(graph: Graph, node_id: int) -> int:
+def _visible(graph: GraphData, node_id: int) -> int:
     """A fused group's id stands for its output inside it when drawing edges."""
-    for n in graph.nodes:
-        if isinstance(n, Fused) and n.id == node_id:
-            return n.output
-    return node_id
+    node = graph.index().nodes.get(node_id)
+    return node.output if isinstance(node, Fused) else node_id

@@ -15,6 +15,7 @@ backends agree on what runs.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 from pipeline_ir.ir.graph import Graph
@@ -40,6 +41,9 @@ def _regions(nodes: tuple[AnyNode, ...], outputs: tuple[int, ...]) -> dict[int, 
 
     Arm index `len(cases)` is the default. A reading as the switch's key,
     by an output or by a node outside the region keeps a node out of it.
+    Only the inputs of region members are ever examined, so the cost is
+    the size of the regions (times the depth of nesting), not one walk of
+    the graph per switch.
     """
     pos = {n.id: i for i, n in enumerate(nodes)}
     # Each reading of a node, as (reader id, arm index or None for "any").
@@ -60,10 +64,14 @@ def _regions(nodes: tuple[AnyNode, ...], outputs: tuple[int, ...]) -> dict[int, 
     regions: dict[int, dict[int, set[int]]] = {}
     for sw in (n for n in nodes if isinstance(n, Switch)):
         need: dict[int, set[int]] = {}
-        # Latest to earliest: every reader of a node comes after it, so its
-        # readers are decided before it is.
-        for n in reversed(nodes[: pos[sw.id]]):
-            if isinstance(n, Input) or not readings[n.id]:
+        # Candidates latest first (a max-heap of positions): every reader of
+        # a node comes after it, so its readers are decided before it is.
+        heap = [-pos[i] for i in set(node_inputs(sw))]
+        heapq.heapify(heap)
+        queued = set(heap)
+        while heap:
+            n = nodes[-heapq.heappop(heap)]
+            if isinstance(n, Input):
                 continue
             arms: set[int] = set()
             for reader, which in readings[n.id]:
@@ -75,6 +83,10 @@ def _regions(nodes: tuple[AnyNode, ...], outputs: tuple[int, ...]) -> dict[int, 
                     break
             else:
                 need[n.id] = arms
+                for i in node_inputs(n):
+                    if -pos[i] not in queued:
+                        queued.add(-pos[i])
+                        heapq.heappush(heap, -pos[i])
         regions[sw.id] = need
     return regions
 
@@ -87,16 +99,20 @@ def schedule(nodes: tuple[AnyNode, ...], outputs: tuple[int, ...]) -> Block:
     for sw_id, need in sorted(regions.items(), key=lambda kv: -len(kv[1])):
         for i in need:
             owner[i] = sw_id
+    # The nodes of each block in order, sorted out in one walk: the top
+    # level under None, an arm under (switch id, arm index).
+    members: dict[tuple[int, int] | None, list[AnyNode]] = {None: []}
+    for n in nodes:
+        inside = owner.get(n.id)
+        if inside is None:
+            members[None].append(n)
+        else:
+            for arm in sorted(regions[inside][n.id]):
+                members.setdefault((inside, arm), []).append(n)
 
     def block(arm_key: tuple[int, int] | None) -> Block:
         items: list[Item] = []
-        for n in nodes:
-            sw_id = owner.get(n.id)
-            if arm_key is None:
-                if sw_id is not None:
-                    continue
-            elif sw_id != arm_key[0] or arm_key[1] not in regions[sw_id][n.id]:
-                continue
+        for n in members.get(arm_key, ()):
             if isinstance(n, Switch):
                 arms = tuple(block((n.id, a)) for a in range(len(n.cases)))
                 default = block((n.id, len(n.cases))) if n.default is not None else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from pipeline_ir.errors import GraphError, PipelineTypeError
-from pipeline_ir.ir.graph import Graph
+from pipeline_ir.ir.graph_data import GraphData
 from pipeline_ir.ir.nodes import (
     AnyNode,
     Call,
@@ -41,7 +41,7 @@ def _check_step(step: StepSpec) -> None:
         raise GraphError(f"{where}: pure=True is for function steps; class steps hold state")
 
 
-def verify(graph: Graph) -> None:
+def verify(graph: GraphData) -> None:
     """Raise GraphError unless `graph` satisfies every IR invariant."""
     if not graph.nodes or not isinstance(graph.nodes[0], Input):
         raise GraphError(f"graph {graph.name!r}: the first node must be the input node")
@@ -87,8 +87,9 @@ def verify(graph: Graph) -> None:
         define(node)
     if not graph.outputs:
         raise GraphError(f"graph {graph.name!r}: no outputs")
+    top_ids = {n.id for n in graph.nodes}
     for o in graph.outputs:
-        if o not in {n.id for n in graph.nodes}:
+        if o not in top_ids:
             raise GraphError(f"graph {graph.name!r}: output %{o} is not a top-level node")
     if not graph.multi_output and len(graph.outputs) != 1:
         raise GraphError(f"graph {graph.name!r}: a single-output graph has {len(graph.outputs)} outputs")
@@ -97,7 +98,7 @@ def verify(graph: Graph) -> None:
         raise GraphError(f"graph {graph.name!r}: steps {sorted(unused)} are not called by any node")
 
 
-def _verify_fused(graph: Graph, node: Fused, seen: set[int]) -> None:
+def _verify_fused(graph: GraphData, node: Fused, seen: set[int]) -> None:
     """Check a fused group; its body ids join `seen` (ids are graph-wide)."""
     where = f"graph {graph.name!r}: fused %{node.id}"
     if not node.body:
@@ -148,7 +149,7 @@ def bind_arguments(step: StepSpec, n_args: int, kw_names: tuple[str, ...]) -> It
             yield n_args + j, name, param
 
 
-def _producer(graph: Graph, node_id: int) -> str:
+def _producer(graph: GraphData, node_id: int) -> str:
     node = graph.node(node_id)
     match node:
         case Call(step=key):
@@ -161,7 +162,7 @@ def _producer(graph: Graph, node_id: int) -> str:
             return f"node %{node_id}"
 
 
-def check_types(graph: Graph) -> None:
+def check_types(graph: GraphData) -> None:
     """Raise PipelineTypeError where a value's known type cannot match the
     known type of the parameter it is passed to."""
     for node in graph.all_nodes():

@@ -29,6 +29,7 @@ its ends) and what was done about it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import msgspec
@@ -63,6 +64,11 @@ class _Remote:
     gpus: float
     steps: tuple[StepSpec, ...]
 
+    @functools.cached_property
+    def nofuse(self) -> frozenset[str]:
+        """Names of its steps with fuse=False (computed once per unit)."""
+        return frozenset(s.name for s in self.steps if not s.fuse)
+
 
 def _remote(graph: Graph, node: AnyNode) -> _Remote | None:
     match node:
@@ -76,6 +82,48 @@ def _remote(graph: Graph, node: AnyNode) -> _Remote | None:
             return _Remote(("fused", str(node.id)), mode, node.num_replicas, node.num_gpus or 0.0, steps)
         case _:
             return None
+
+
+class _Memo:
+    """What the edges ask about a node, computed once per node in a run of
+    the pass: a fused group of B steps read by k units would otherwise cost
+    O(k * B), and a node read by k units O(k^2)."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.by_id = {n.id: n for n in graph.nodes}
+        self.readers = graph.readers()
+        self._remote: dict[int, _Remote | None] = {}
+        self._label: dict[int, str] = {}
+        self._several: dict[int, str | None] = {}
+
+    def remote(self, node_id: int) -> _Remote | None:
+        if node_id not in self._remote:
+            self._remote[node_id] = _remote(self.graph, self.by_id[node_id])
+        return self._remote[node_id]
+
+    def label(self, node_id: int) -> str:
+        if node_id not in self._label:
+            self._label[node_id] = node_label(self.graph, node_id)
+        return self._label[node_id]
+
+    def several_readers(self, node_id: int) -> str | None:
+        """`(%2, %3 and the caller)` when `node_id` has several distinct
+        readers (at most _SHOWN listed, then how many more), else None."""
+        if node_id not in self._several:
+            distinct = set(self.readers[node_id])
+            text = None
+            if len(distinct) > 1:
+                others = sorted(distinct - {CALLER})
+                used = ", ".join(f"%{r}" for r in others[:_SHOWN])
+                if len(others) > _SHOWN:
+                    used += f" and {len(others) - _SHOWN} more"
+                text = used + (" and the caller" if CALLER in distinct else "")
+            self._several[node_id] = text
+        return self._several[node_id]
+
+
+_SHOWN = 8  # readers listed by name in a record; a wide fan-out says how many more
 
 
 def _edges(graph: Graph, node: Call | Fused) -> list[tuple[int, TypeRef]]:
@@ -92,40 +140,35 @@ def _edges(graph: Graph, node: Call | Fused) -> list[tuple[int, TypeRef]]:
     return out
 
 
-def _why_apart(graph: Graph, a: _Remote, b: _Remote, source: int, consumer: int, readers: dict[int, list[int]]) -> str:
+def _why_apart(memo: _Memo, a: _Remote, b: _Remote, source: int, consumer: int) -> str:
     """Why fusion left the producer `a` (node `source`) and the consumer `b`
     (node `consumer`) in separate processes: the first rule that kept them apart."""
+    graph = memo.graph
     if a.mode != b.mode:
         return f"one end runs as {a.mode}, the other as {b.mode}"
-    nofuse = sorted({s.name for s in a.steps + b.steps if not s.fuse})
+    nofuse = sorted(a.nofuse | b.nofuse)
     if nofuse:
         return f"{', '.join(nofuse)} {'has' if len(nofuse) == 1 else 'have'} fuse=False"
     if a.gpus != b.gpus:
         return f"GPU boundary (gpu={a.gpus:g} vs gpu={b.gpus:g})"
     if a.mode == "actors" and a.replicas != b.replicas:
         return f"replica counts differ (x{a.replicas} vs x{b.replicas})"
-    distinct = set(readers[source])
-    if len(distinct) > 1:
-        others = sorted(distinct - {CALLER})
-        used = ", ".join(f"%{r}" for r in others) + (" and the caller" if CALLER in distinct else "")
+    used = memo.several_readers(source)
+    if used is not None:
         return f"%{source} has several readers ({used}), and a fused group has one output"
     if a.mode == "actors":
-        shared = sorted({s.name for s in a.steps + b.steps if _calls(graph, s.key) - {source, consumer}})
+        shared = sorted({s.name for s in a.steps + b.steps if _called_outside(graph, s.key, {source, consumer})})
         if shared:
             return f"{', '.join(shared)} also {'runs' if len(shared) == 1 else 'run'} elsewhere, and one step's replica pool is never split"
     return "no fusion pass merged them (fuse_tasks / colocate_actors did not run)"
 
 
-def _calls(graph: Graph, key: str) -> set[int]:
-    """Ids of the top-level nodes that call step `key` (a call, or a fused
-    group with such a call in its body)."""
-    out: set[int] = set()
-    for n in graph.nodes:
-        if isinstance(n, Call) and n.step == key:
-            out.add(n.id)
-        elif isinstance(n, Fused) and any(isinstance(b, Call) and b.step == key for b in n.body):
-            out.add(n.id)
-    return out
+def _called_outside(graph: Graph, key: str, units: set[int]) -> bool:
+    """Whether a top-level node other than `units` calls step `key` (a
+    call, or a fused group with such a call in its body). Stops at the
+    first call outside them instead of collecting every call of the step."""
+    index = graph.index()
+    return any(index.unit[c] not in units for c in index.calls.get(key, ()))
 
 
 class _UnionFind:
@@ -145,13 +188,13 @@ class _UnionFind:
 
 def colocate(graph: Graph) -> PassResult:
     """Label the two ends of every tensor edge between separate remote units."""
-    readers = graph.readers()
-    by_id = {n.id: n for n in graph.nodes}
+    memo = _Memo(graph)
+    by_id = memo.by_id
     groups = _UnionFind()
     labelled: list[tuple[Unit, str]] = []  # (consumer unit, record line), in order
     notes: list[str] = []
     for node in graph.nodes:
-        b = _remote(graph, node)
+        b = memo.remote(node.id)
         if b is None or not isinstance(node, (Call, Fused)):
             continue
         for source, t in _edges(graph, node):
@@ -161,15 +204,15 @@ def colocate(graph: Graph) -> PassResult:
             while isinstance(projection := by_id[origin], Project):
                 via = origin if via is None else via
                 origin = projection.source
-            a = _remote(graph, by_id[origin])
+            a = memo.remote(origin)
             if a is None or a.unit == b.unit:
                 continue
-            edge = f"%{origin} -> %{node.id} ({render(t)}, {node_label(graph, origin)} -> {node_label(graph, node.id)})"
+            edge = f"%{origin} -> %{node.id} ({render(t)}, {memo.label(origin)} -> {memo.label(node.id)})"
             if via is not None:
                 notes.append(f"left {edge} remote: the value is projected by %{via} in the caller, so it goes through the caller")
                 continue
             groups.union(a.unit, b.unit)
-            labelled.append((b.unit, f"{edge} stays a cross-process hop: {_why_apart(graph, a, b, origin, node.id, readers)}"))
+            labelled.append((b.unit, f"{edge} stays a cross-process hop: {_why_apart(memo, a, b, origin, node.id)}"))
     if not labelled:
         return PassResult(graph, tuple(notes))
     labels = _name_components(graph, groups)

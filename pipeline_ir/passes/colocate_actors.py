@@ -78,7 +78,8 @@ def colocate_actors(graph: Graph) -> PassResult:
 
 
 def _kept_apart_note(graph: Graph, key: str) -> str:
-    calls = ", ".join(f"%{n.id}" for n in graph.nodes if isinstance(n, Call) and n.step == key)
+    index = graph.index()
+    calls = ", ".join(f"%{i}" for i in index.calls.get(key, ()) if index.unit[i] == i)  # top-level calls
     return (
         f"kept {graph.step(key).name} ({calls}) in its own replica pool: its calls would land in "
         "different units, and the replicas of one step (and their state) stay one pool"

@@ -18,6 +18,7 @@ not chosen. Switch nodes themselves never join a group.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 import msgspec
 
@@ -63,53 +64,58 @@ def combined_gpus(steps: list[StepSpec]) -> float | None:
 
 
 def find_groups(graph: Graph, group_class: GroupClass) -> list[list[int]]:
-    """Groups of node ids (in topological order) of two calls or more."""
+    """Groups of node ids (in topological order) of two calls or more, in
+    the order of their last nodes. O(n log n): members are sorted once,
+    at the end."""
     readers = graph.readers()
+    position = graph.index().position
     by_id = {n.id: n for n in graph.nodes}
-    group_of: dict[int, int] = {}  # node id -> group key (id of its first node)
-    members: dict[int, list[int]] = {}
-    klass: dict[int, Hashable] = {}
+    # Last node of each group -> the group. Only a group's last node can be
+    # absorbed by a later node (every other member is read inside it).
+    tail: dict[int, _Group] = {}
+
+    # Node id -> the one node reading it, for nodes read by one node only
+    # (maybe several times): computed once, as a fan-out has many readers.
+    sole_reader = {i: rs[0] for i, rs in readers.items() if rs and rs.count(rs[0]) == len(rs)}
 
     def absorbable(producer: int, reader: int, k: Hashable) -> bool:
-        g = group_of.get(producer)
-        return g is not None and klass[g] == k and members[g][-1] == producer and set(readers[producer]) == {reader}
+        g = tail.get(producer)
+        return g is not None and g.klass == k and sole_reader.get(producer) == reader
 
     for n in graph.nodes:
         k: Hashable | None = None
         if isinstance(n, Call):
             k = group_class(graph.step(n.step))
-        elif isinstance(n, Project) and n.source in group_of:
-            k = klass[group_of[n.source]]
-            if not absorbable(n.source, n.id, k):
-                k = None
+        elif isinstance(n, Project) and (source := tail.get(n.source)) is not None and absorbable(n.source, n.id, source.klass):
+            k = source.klass
         if k is None:
             continue
-        merged: list[int] = []
-        for i in dict.fromkeys(node_inputs(n)):
-            if absorbable(i, n.id, k):
-                merged.extend(members.pop(group_of[i]))
-        ids = sorted(merged, key=lambda x: _position(graph, x)) + [n.id]
-        key = ids[0]
-        for m in ids:
-            group_of[m] = key
-        members[key] = ids
-        klass[key] = k
-    groups = []
-    for ids in members.values():
-        calls = [i for i in ids if isinstance(by_id[i], Call)]
-        if len(calls) >= 2:
-            member_set = set(ids)
-            consts = [
-                c.id
-                for c in graph.nodes
-                if isinstance(c, Constant) and readers[c.id] and set(readers[c.id]) <= member_set
-            ]
-            groups.append(sorted(ids + consts, key=lambda x: _position(graph, x)))
-    return groups
+        absorbed = [tail.pop(i) for i in dict.fromkeys(node_inputs(n)) if absorbable(i, n.id, k)]
+        # The largest absorbed group takes in the others: each id is copied
+        # O(log n) times in all, where copying every group would be O(n).
+        absorbed.sort(key=lambda g: -len(g.members))
+        group = absorbed[0] if absorbed else _Group(k, [])
+        for other in absorbed[1:]:
+            group.members.extend(other.members)
+        group.members.append(n.id)
+        tail[n.id] = group
+    groups = [g.members for g in tail.values() if sum(isinstance(by_id[i], Call) for i in g.members) >= 2]
+    # A constant read only inside one group joins it.
+    group_of = {m: gi for gi, ids in enumerate(groups) for m in ids}
+    for c in graph.nodes:
+        if isinstance(c, Constant) and readers[c.id]:
+            owners = {group_of.get(r) for r in readers[c.id]}
+            if len(owners) == 1 and (gi := owners.pop()) is not None:
+                groups[gi].append(c.id)
+    return [sorted(ids, key=position.__getitem__) for ids in groups]
 
 
-def _position(graph: Graph, node_id: int) -> int:
-    return next(i for i, n in enumerate(graph.nodes) if n.id == node_id)
+@dataclass
+class _Group:
+    """A group being formed: its class and its member ids (unordered)."""
+
+    klass: Hashable
+    members: list[int]
 
 
 def fuse(graph: Graph, groups: list[list[int]], placement: Callable[[list[StepSpec]], Placement]) -> tuple[Graph, list[Fused]]:
