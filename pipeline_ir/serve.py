@@ -182,7 +182,8 @@ def app(
     }
     if ray_actor_options is not None:
         options["ray_actor_options"] = dict(ray_actor_options)
-    return _Ingress.options(**options).bind(compiled, settings)
+    application: serve.Application = _Ingress.options(**options).bind(compiled, settings)
+    return application
 
 
 def _check_positive_int(argument: str, value: object) -> None:
