@@ -4,19 +4,23 @@ As in torch.fx, a pipeline runs as generated straight-line Python: one
 assignment per node, so a chain of local steps costs what calling the
 functions by hand costs. Each node's call is spelled by the launcher of its
 mode (local.py, ray_tasks.py, ray_actors.py); this module decides nothing
-about placement, it only writes down what the IR says:
+about placement, it only writes down what the IR says. For
+`add_one (local) -> double (tasks) -> Adder(10) (actors)`:
 
     def run(v0):
-        v1 = s_add_one(v0)                 # local
-        v2 = r2.remote(2, v1)              # tasks: an ObjectRef
-        v3 = a3.submit(3, v2)              # actors: an ObjectRef
+        v1 = add_one(v0)                   # local: the function itself
+        v2 = double.submit(2, v1)          # tasks: an ObjectRef
+        v3 = Adder.submit(3, v2)           # actors: an ObjectRef
         return _get(v3, 3)                 # one fetch, at the end
 
-A local node reading a remote value fetches it first (`_get`); remote nodes
-pass ObjectRefs straight on. A switch becomes if/elif over the key, and the
-nodes only one arm needs are emitted inside that arm (ir/schedule.py).
-The line of each node is recorded so that an exception inside a step is
-reported with the step's name and node id (`translate_error`).
+Every identifier (step callables, constants, values, helpers) is allocated
+by one `Namespace` (namespace.py), so two different steps never share a
+global whatever their names. A local node reading a remote value fetches it
+first (`_get`); remote nodes pass ObjectRefs straight on. A switch becomes
+if/elif over the key, and the nodes only one arm needs are emitted inside
+that arm (ir/schedule.py). The line of each node is recorded so that an
+exception inside a step is reported with the step's name and node id
+(`translate_error`).
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from __future__ import annotations
 import itertools
 import keyword
 import linecache
-import re
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pipeline_ir.errors import StepError
+from pipeline_ir.backends.namespace import Namespace
+from pipeline_ir.errors import PipelineTimeoutError, StepError
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import AnyNode, Call, Constant, Fused, Inline, Input, Mode, Project, Switch
 from pipeline_ir.ir.printer import node_label
@@ -64,22 +69,23 @@ class PythonCode:
 
     def load(self) -> Callable[..., object]:
         """Compile the source and return its entry function."""
-        # Registering the source lets tracebacks show the generated lines.
+        # Registering the source lets tracebacks show the generated lines;
+        # the entry goes when the function does, so a process that deploys
+        # and shuts down pipelines for days does not grow linecache.
         linecache.cache[self.filename] = (len(self.source), None, self.source.splitlines(True), self.filename)
         namespace = dict(self.globals)
         exec(compile(self.source, self.filename, "exec"), namespace)
         fn = namespace[self.entry]
         assert callable(fn)
+        weakref.finalize(fn, linecache.cache.pop, self.filename, None)
         return fn
 
 
-def global_name(kind: str, key: str) -> str:
-    """A legal identifier for a global, stable for equal inputs."""
-    name = re.sub(r"\W", "_", f"{kind}_{key}")
-    return f"{name}_" if keyword.iskeyword(name) else name
-
-
 _counter = itertools.count()
+
+# Names the runtime helpers are bound under (ray_runtime.runtime_globals,
+# `_no_match` below): reserved before any other name is allocated.
+RUNTIME_NAMES = ("_get", "_aget", "_get_many", "_aget_many", "_no_match")
 
 
 @dataclass
@@ -93,11 +99,14 @@ class _Emitter:
     globals: dict[str, object] = field(default_factory=dict)
     remote: set[int] = field(default_factory=set)
     fetched: set[int] = field(default_factory=set)  # remote values already fetched in scope
+    names: Namespace = field(default_factory=Namespace)
 
     def __post_init__(self) -> None:
         # Which values are ObjectRefs follows from the nodes' modes alone.
         remote_modes = frozenset(m for m, launcher in self.launchers.items() if launcher.remote)
         self.remote = remote_values(self.graph, remote_modes)
+        for name in RUNTIME_NAMES:
+            self.names.reserve(name)
 
     def emit(self, indent: int, text: str, node_id: int | None = None) -> None:
         self.lines.append("    " * indent + text)
@@ -105,9 +114,16 @@ class _Emitter:
             # +1: lines are 1-based; the def line is added before them.
             self.line_nodes[len(self.lines) + 1] = node_id
 
-    def bind(self, name: str, value: object) -> str:
+    def bind(self, key: Hashable, candidate: str, value: object) -> str:
+        """A global holding `value`, named once per `key`."""
+        name = self.names.name(("global", key), candidate)
         self.globals[name] = value
         return name
+
+    def var(self, node_id: int) -> str:
+        """The variable holding node `node_id`'s value (an ObjectRef for a
+        remote value)."""
+        return self.names.name(("value", node_id), f"v{node_id}")
 
     def local(self, node_id: int, indent: int) -> str:
         """A variable holding the node's value in this process. A remote
@@ -116,18 +132,25 @@ class _Emitter:
         block or nested blocks reuse it (a channel unit's CompiledDAGRef
         can be fetched only once)."""
         if node_id not in self.remote:
-            return f"v{node_id}"
+            return self.var(node_id)
+        name = self.names.name(("fetched", node_id), f"f{node_id}")
         if node_id not in self.fetched:
-            get = f"await _aget(v{node_id}, {node_id})" if self.is_async else f"_get(v{node_id}, {node_id})"
-            self.emit(indent, f"f{node_id} = {get}", node_id)
+            get = f"await _aget({self.var(node_id)}, {node_id})" if self.is_async else f"_get({self.var(node_id)}, {node_id})"
+            self.emit(indent, f"{name} = {get}", node_id)
             self.fetched.add(node_id)
-        return f"f{node_id}"
+        return name
 
     def arguments(self, node: Call, fetch: bool, indent: int) -> str:
         def ref(i: int) -> str:
-            return self.local(i, indent) if fetch else f"v{i}"
+            return self.local(i, indent) if fetch else self.var(i)
 
-        parts = [ref(a) for a in node.args] + [f"{k}={ref(v)}" for k, v in node.kwargs]
+        parts = [ref(a) for a in node.args]
+        plain = [(k, v) for k, v in node.kwargs if k.isidentifier() and not keyword.iskeyword(k)]
+        # `f(**{"a b": 1})` reaches a **kwargs step with a key no `k=v` can spell.
+        odd = [(k, v) for k, v in node.kwargs if (k, v) not in plain]
+        parts += [f"{k}={ref(v)}" for k, v in plain]
+        if odd:
+            parts.append("**{" + ", ".join(f"{k!r}: {ref(v)}" for k, v in odd) + "}")
         return ", ".join(parts)
 
     def node(self, indent: int, node: AnyNode) -> None:
@@ -136,25 +159,26 @@ class _Emitter:
                 pass
             case Constant(value=value):
                 obj = value.value if isinstance(value, Inline) else self.constants[value.key]
-                self.emit(indent, f"v{node.id} = {self.bind(f'c{node.id}', obj)}")
+                self.emit(indent, f"{self.var(node.id)} = {self.bind(('constant', node.id), f'c{node.id}', obj)}")
             case Call():
                 step = self.graph.step(node.step)
                 launcher = self.launchers[step.mode]
-                name = self.bind(global_name("s" if not launcher.remote else "r", step.key), launcher.callee(node))
+                # One global per step key: every call of a step shares it.
+                name = self.bind(("step", step.key), step.name, launcher.callee(node))
                 args = self.arguments(node, not launcher.remote, indent)
-                self.emit(indent, f"v{node.id} = {launcher.expr(node, name, args, self.is_async)}", node.id)
+                self.emit(indent, f"{self.var(node.id)} = {launcher.expr(node, name, args, self.is_async)}", node.id)
             case Project(source=source, key=key):
-                self.emit(indent, f"v{node.id} = {self.local(source, indent)}[{key!r}]", node.id)
+                self.emit(indent, f"{self.var(node.id)} = {self.local(source, indent)}[{key!r}]", node.id)
             case Fused(mode=mode, inputs=inputs):
                 launcher = self.launchers[mode]
                 if not launcher.remote:
                     for inner in node.body:
                         self.node(indent, inner)
-                    self.emit(indent, f"v{node.id} = v{node.output}")
+                    self.emit(indent, f"{self.var(node.id)} = {self.var(node.output)}")
                     return
-                name = self.bind(f"g{node.id}", launcher.callee(node))
-                args = ", ".join(f"v{i}" for i in inputs)
-                self.emit(indent, f"v{node.id} = {launcher.expr(node, name, args, self.is_async)}", node.id)
+                name = self.bind(("group", node.id), f"group{node.id}", launcher.callee(node))
+                args = ", ".join(self.var(i) for i in inputs)
+                self.emit(indent, f"{self.var(node.id)} = {launcher.expr(node, name, args, self.is_async)}", node.id)
             case Switch():
                 raise AssertionError("switches are emitted from their Branches block")
 
@@ -167,12 +191,12 @@ class _Emitter:
 
     def branches(self, indent: int, item: Branches) -> None:
         sw = item.switch
-        key_var = f"k{sw.id}"
+        key_var = self.names.name(("key", sw.id), f"k{sw.id}")
         self.emit(indent, f"{key_var} = {self.local(sw.key, indent)}", sw.id)
         arms: list[tuple[str, Block, int]] = []
         for i, (case, body) in enumerate(zip(sw.cases, item.arms)):
-            cond = f"{'if' if i == 0 else 'elif'} {key_var} == {self.bind(f'case{sw.id}_{i}', case.value)}:"
-            arms.append((cond, body, case.branch))
+            value = self.bind(("case", sw.id, i), f"case{sw.id}_{i}", case.value)
+            arms.append((f"{'if' if i == 0 else 'elif'} {key_var} == {value}:", body, case.branch))
         if item.default is not None and sw.default is not None:
             arms.append(("else:" if arms else "if True:", item.default, sw.default))
         all_remote = sw.id in self.remote
@@ -180,28 +204,31 @@ class _Emitter:
             self.emit(indent, cond)
             outer = set(self.fetched)  # what an arm fetches is not fetched after it
             self.block(indent + 1, body)
-            value = f"v{branch}" if all_remote else self.local(branch, indent + 1)
-            self.emit(indent + 1, f"v{sw.id} = {value}", sw.id)
+            value = self.var(branch) if all_remote else self.local(branch, indent + 1)
+            self.emit(indent + 1, f"{self.var(sw.id)} = {value}", sw.id)
             self.fetched = outer
         if item.default is None or sw.default is None:
             self.emit(indent, "else:" if arms else "if True:")
             self.emit(indent + 1, f"raise _no_match({sw.id}, {key_var})", sw.id)
 
     def function(self, name: str, params: tuple[int, ...], items: Block, outputs: tuple[int, ...], multi: bool) -> PythonCode:
+        entry = self.names.name(("entry",), name)
+        param_names = [self.var(p) for p in params]  # allocated before the body's names
         self.block(1, items)
         remote_outs = list(dict.fromkeys(o for o in outputs if o in self.remote and o not in self.fetched))
+        fetched = self.names.name(("fetched-outputs",), "fetched")
         if remote_outs:
-            refs = ", ".join(f"v{o}" for o in remote_outs)
+            refs = ", ".join(self.var(o) for o in remote_outs)
             ids = ", ".join(str(o) for o in remote_outs)
             fetch = f"await _aget_many(({refs},), ({ids},))" if self.is_async else f"_get_many(({refs},), ({ids},))"
-            self.emit(1, f"fetched = {fetch}")
-        values = [f"fetched[{remote_outs.index(o)}]" if o in remote_outs else self.local(o, 1) for o in outputs]
+            self.emit(1, f"{fetched} = {fetch}")
+        values = [f"{fetched}[{remote_outs.index(o)}]" if o in remote_outs else self.local(o, 1) for o in outputs]
         self.emit(1, f"return ({', '.join(values)},)" if multi else f"return {values[0]}")
-        head = f"{'async def' if self.is_async else 'def'} {name}({', '.join(f'v{p}' for p in params)}):"
+        head = f"{'async def' if self.is_async else 'def'} {entry}({', '.join(param_names)}):"
         source = "\n".join([head, *self.lines]) + "\n"
         self.globals["_no_match"] = _no_match_factory(self.graph)
-        filename = f"<pipeline_ir {self.graph.name} {name} #{next(_counter)}>"
-        return PythonCode(source, self.globals, self.line_nodes, filename, name)
+        filename = f"<pipeline_ir {self.graph.name} {entry} #{next(_counter)}>"
+        return PythonCode(source, self.globals, self.line_nodes, filename, entry)
 
 
 def _no_match_factory(graph: Graph) -> Callable[[int, object], StepError]:
@@ -247,7 +274,7 @@ def translate_error(exc: BaseException, code: PythonCode, graph: Graph) -> BaseE
     A StepError passes through (a remote step already named itself). Else
     the innermost line of generated code in the traceback names the node.
     """
-    if isinstance(exc, StepError) or not isinstance(exc, Exception):
+    if isinstance(exc, (StepError, PipelineTimeoutError)) or not isinstance(exc, Exception):
         return exc
     node_id = None
     tb = exc.__traceback__

@@ -11,10 +11,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+from pipeline_ir.backends import calls
 from pipeline_ir.backends.codegen import Launcher, PythonCode, generate, translate_error
 from pipeline_ir.backends.local import LocalLauncher
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Fused, Mode
+from pipeline_ir.options import DeployOptions
 from pipeline_ir.trace import Bindings
 
 
@@ -30,12 +32,48 @@ class Program:
     uses_ray: bool
     closers: list[Callable[[], None]] = field(default_factory=list)
 
+    live: set[calls.CallState] = field(default_factory=set)  # calls running now
+
     def translate(self, exc: BaseException, is_async: bool = False) -> BaseException:
         """The user-facing error for an exception raised by run/arun."""
         return translate_error(exc, self.async_code if is_async else self.code, self.graph)
 
+    def call(self, x: object, timeout: float | None = None) -> object:
+        """One call with an optional deadline; on failure, what the call
+        left running is cancelled before the error is raised."""
+        state, token = calls.begin(timeout)
+        self.live.add(state)
+        try:
+            return self.run(x)
+        except BaseException as e:
+            if self.uses_ray:
+                state.cancel_unfinished()
+            raise self.translate(e)  # noqa: B904 (a StepError carries its cause)
+        finally:
+            self.live.discard(state)
+            calls.end(token)
+
+    async def acall(self, x: object, timeout: float | None = None) -> object:
+        """`call` for asyncio. Cancelling the awaiting task (asyncio.wait_for,
+        a client gone) cancels the call's remote work too."""
+        state, token = calls.begin(timeout)
+        self.live.add(state)
+        try:
+            return await self.arun(x)
+        except BaseException as e:
+            if self.uses_ray:
+                state.cancel_unfinished()
+            raise self.translate(e, is_async=True)  # noqa: B904
+        finally:
+            self.live.discard(state)
+            calls.end(token)
+
     def close(self) -> None:
-        """Release every resource (actors); idempotent."""
+        """Cancel the calls still running, then release every resource
+        (actors); idempotent."""
+        if self.uses_ray:
+            for state in list(self.live):
+                state.cancel_unfinished(force=True)
         closers, self.closers = self.closers, []
         for close in reversed(closers):
             close()
@@ -74,8 +112,9 @@ def local_keys(graph: Graph) -> list[str]:
     return list(keys)
 
 
-def lower(graph: Graph, bindings: Bindings) -> Program:
+def lower(graph: Graph, bindings: Bindings, options: DeployOptions | None = None) -> Program:
     """Build everything `graph` needs and return its Program."""
+    options = options if options is not None else DeployOptions()
     used = modes(graph)
     closers: list[Callable[[], None]] = []
     launchers: dict[Mode, Launcher] = {"local": LocalLauncher(graph, bindings.steps, local_keys(graph))}

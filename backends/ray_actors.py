@@ -36,7 +36,7 @@ from typing import Any
 
 import ray
 
-from pipeline_ir.backends import ray_runtime
+from pipeline_ir.backends import calls, ray_runtime
 from pipeline_ir.backends.ray_channels import Channel
 from pipeline_ir.backends.ray_tasks import colocate_strategy, resource_options, submit_expr
 from pipeline_ir.backends.serialization import ensure_registered
@@ -85,8 +85,9 @@ class Replica:
         return self.call(node_id, *args, **kwargs)
 
     def __repr__(self) -> str:
-        # Ray prefixes the actor's log lines with this.
-        return f"Replica({self.unit.label})"
+        # Ray prefixes the actor's log lines with this: kept ASCII, as Ray
+        # encodes some of what it names after user code as ASCII.
+        return f"Replica({ascii(self.unit.label)[1:-1]})"
 
 
 _RemoteReplica: Any = ray.remote(Replica)
@@ -220,7 +221,13 @@ class Pool:
             self._pending[ticket] = ref
         # May run the callback at once, in this thread: never under the lock.
         ref._on_ready(lambda _exc: self._done(slot, ticket))
+        calls.track(ref, node_id, self.abandon)
         return ref
+
+    def abandon(self, ref: Any, force: bool = False) -> None:
+        """A call gave up on `ref` (deadline, error elsewhere, cancelled):
+        drop it if still queued. Ray cannot interrupt a running actor call."""
+        ray.cancel(ref)
 
     def submit_channel(self, node_id: int, *args: object, **kwargs: object) -> Any:
         """Run the unit as node `node_id` over the compiled graph (channel

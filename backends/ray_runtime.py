@@ -31,6 +31,7 @@ import ray
 import ray.exceptions
 from ray.experimental.compiled_dag_ref import CompiledDAGRef
 
+from pipeline_ir.backends import calls
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.errors import PlacementError, StepError
 from pipeline_ir.ir.graph import Graph
@@ -187,11 +188,24 @@ def _first_line(exc: BaseException) -> str:
 
 
 def runtime_globals(graph: Graph) -> dict[str, object]:
-    """The helpers generated code uses to fetch remote values."""
+    """The helpers generated code uses to fetch remote values. Each waits
+    no longer than the running call's deadline (calls.py)."""
+
+    def label(node_id: int) -> str:
+        return node_label(graph, node_id)
+
+    def _expired(node_id: int) -> BaseException:
+        state = calls.current()
+        assert state is not None
+        return calls.timeout_error(state, label, node_id)
 
     def _get(ref: Any, node_id: int) -> object:
+        state = calls.current()
+        timeout = None if state is None else state.remaining()
         try:
-            return ray.get(ref)
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            error = _expired(node_id)
         except ray.exceptions.RayError as e:
             error = step_error(e, graph, node_id)
         # Raised outside the except block: the Ray error stays out of the chain.
@@ -201,24 +215,48 @@ def runtime_globals(graph: Graph) -> dict[str, object]:
         # A CompiledDAGRef (channel units) can be fetched only once, and not
         # in one ray.get with ObjectRefs: those go one by one from the start.
         if not any(isinstance(r, CompiledDAGRef) for r in refs):
+            state = calls.current()
+            timeout = None if state is None else state.remaining()
             try:
-                return list(ray.get(list(refs)))
+                return list(ray.get(list(refs), timeout=timeout))
+            except ray.exceptions.GetTimeoutError:
+                error = _expired(ids[0])
             except ray.exceptions.RayError:
-                pass  # fetch one by one, in order, to name the first node that failed
+                error = None  # fetch one by one, in order, to name the first node that failed
+            if error is not None:
+                raise error
         return [_get(ref, node_id) for ref, node_id in zip(refs, ids)]
 
     async def _aget(ref: Any, node_id: int) -> object:
+        state = calls.current()
+        timeout = None if state is None else state.remaining()
         try:
-            return await ref
+            if timeout is None:
+                return await ref
+            return await asyncio.wait_for(_awaitable(ref), timeout)
+        except (asyncio.TimeoutError, ray.exceptions.GetTimeoutError):
+            error = _expired(node_id)
         except ray.exceptions.RayError as e:
             error = step_error(e, graph, node_id)
         raise error
 
     async def _aget_many(refs: Sequence[Any], ids: Sequence[int]) -> list[object]:
-        results = await asyncio.gather(*refs, return_exceptions=True)
+        state = calls.current()
+        timeout = None if state is None else state.remaining()
+        gathered = asyncio.gather(*(_awaitable(r) for r in refs), return_exceptions=True)
+        try:
+            results = await (gathered if timeout is None else asyncio.wait_for(gathered, timeout))
+        except asyncio.TimeoutError:
+            error = _expired(ids[0])
+            raise error from None
         for result, node_id in zip(results, ids):
             if isinstance(result, BaseException):
                 raise step_error(result, graph, node_id)
         return list(results)
 
     return {"_get": _get, "_aget": _aget, "_get_many": _get_many, "_aget_many": _aget_many}
+
+
+async def _awaitable(ref: Any) -> object:
+    """An ObjectRef as a coroutine, which asyncio.wait_for/gather accept."""
+    return await ref

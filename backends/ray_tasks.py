@@ -24,12 +24,14 @@ it decides nothing itself.
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pipeline_ir.backends import calls
 from pipeline_ir.backends.ray_runtime import check_feasible, ship_code
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.backends.worker import Unit
@@ -80,7 +82,17 @@ class Task:
     def submit(self, node_id: int, *args: object, **kwargs: object) -> Any:
         """Start one task; returns its ObjectRef."""
         ensure_registered()  # torch may have been imported since deploy
-        return self.fn.remote(self.unit, node_id, *args, **kwargs)
+        ref = self.fn.remote(self.unit, node_id, *args, **kwargs)
+        calls.track(ref, node_id, _stop_task)
+        return ref
+
+
+def _stop_task(ref: Any, force: bool) -> None:
+    """Cancel a task of an abandoned call: a queued one never starts, a
+    running one gets a KeyboardInterrupt (its worker lives on for the next
+    call); at shutdown (`force`) its worker exits, as a task stuck in
+    native code would not see the interrupt."""
+    ray.cancel(ref, force=force)
 
 
 # Per worker process: the units it ran lately, by ObjectRef. Bounded, since
@@ -107,8 +119,9 @@ def _remote_function(unit: Unit, options: Mapping[str, object]) -> Any:
     def run(box: list[Any], node_id: int, *args: object, **kwargs: object) -> object:
         return _unit(box)(node_id, *args, **kwargs)
 
-    # Ray names the worker process and its errors after the function.
-    run.__name__ = run.__qualname__ = unit.label.replace("+", "_")
+    # Ray names the worker process and its errors after the function; it
+    # must be ASCII (a worker given "ü" dies in Ray's task handler).
+    run.__name__ = run.__qualname__ = re.sub(r"[^0-9A-Za-z_]", "_", unit.label) or "step"
     remote: Any = ray.remote
     return remote(**options)(run)
 

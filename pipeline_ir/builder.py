@@ -10,9 +10,10 @@ the line that made it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, Unpack
 
 if TYPE_CHECKING:
+    from pipeline_ir.options import DeployKwargs
     from pipeline_ir.pipeline import Pipeline
     from pipeline_ir.step import ConfiguredStep, FunctionStep
 
@@ -49,11 +50,11 @@ class PipelineNode:
             "use pipeline.switch(key_node, {value: branch, ...}) to choose by a value"
         )
 
-    def deploy(self) -> Pipeline:
-        """Same as `pipeline_ir.compile(self).deploy()`."""
+    def deploy(self, **options: Unpack[DeployKwargs]) -> Pipeline:
+        """Same as `pipeline_ir.compile(self).deploy(**options)`."""
         from pipeline_ir.compile import compile as compile_
 
-        return compile_(self).deploy()
+        return compile_(self).deploy(**options)
 
 
 class InputNode(PipelineNode):

@@ -7,12 +7,13 @@ import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Unpack
 
 from pipeline_ir.builder import PipelineNode
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Mode
 from pipeline_ir.ir.verify import check_types, verify
+from pipeline_ir.options import DeployKwargs, DeployOptions
 from pipeline_ir.passes import Pass, PassRecord, default_passes, explain, force_backend, place_gpu, run_passes, use_channels
 from pipeline_ir.step import ExecutionMode
 from pipeline_ir.trace import Bindings, trace
@@ -53,12 +54,16 @@ class CompiledPipeline:
             return self
         return dataclasses.replace(self, graph=graph, records=self.records + records)
 
-    def deploy(self) -> Pipeline:
+    def deploy(self, **options: Unpack[DeployKwargs]) -> Pipeline:
         """Start what the graph needs (Ray only if a step is remote) and
-        return the running Pipeline."""
+        return the running Pipeline. The options (see DeployOptions in
+        pipeline_ir/options.py: max_in_flight, overload_timeout_s,
+        deploy_timeout_s, health checks, retries) bound calls in flight and
+        set the timeouts of serving; docs/operations.md says how to size
+        them. A bad option is a ValueError, raised before anything starts."""
         from pipeline_ir.pipeline import Pipeline
 
-        return Pipeline(self)
+        return Pipeline(self, DeployOptions(**options))
 
 
 BACKEND_ENV = "PIPELINE_IR_BACKEND"

@@ -37,7 +37,31 @@ class PlacementError(PipelineError):
 
 
 class PipelineOverloadedError(PipelineError):
-    """More calls are in flight than the pipeline admits (`max_in_flight`)."""
+    """More calls are in flight than the pipeline admits.
+
+    Raised by `call`/`call_async` when `deploy(max_in_flight=N)` calls are
+    already running and none finished within `overload_timeout_s`. Nothing
+    of the rejected call ran: it is always safe to retry later.
+    """
+
+
+class PipelineTimeoutError(PipelineError, TimeoutError):
+    """A call's deadline (`call(x, timeout=s)`) passed before it finished.
+
+    `step_name` names the step that was still running (None when no step
+    was, e.g. the deadline passed while the call waited for admission);
+    the rest of the call was cancelled: queued work never starts, running
+    Ray tasks are stopped, and an actor replica still busy with the
+    abandoned call after a grace period is replaced (docs/operations.md).
+    """
+
+    def __init__(self, message: str, step_name: str | None = None, node_id: int | None = None) -> None:
+        super().__init__(message)
+        self.step_name = step_name
+        self.node_id = node_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (PipelineTimeoutError, (str(self), self.step_name, self.node_id))
 
 
 class StepError(PipelineError):

@@ -17,7 +17,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Union
 
+from pipeline_ir.admission import Admission
 from pipeline_ir.errors import PipelineError
+from pipeline_ir.options import DeployOptions, check_timeout
 
 if TYPE_CHECKING:
     from pipeline_ir.backends.lower import Program
@@ -25,27 +27,20 @@ if TYPE_CHECKING:
     from pipeline_ir.ir.graph import Graph
 
 
-def _closed(x: object) -> object:
-    raise PipelineError("this pipeline was shut down; deploy it again to call it")
-
-
-async def _aclosed(x: object) -> object:
-    raise PipelineError("this pipeline was shut down; deploy it again to call it")
-
-
 class Pipeline:
     """A deployed pipeline. Use it as a context manager, or call shutdown()."""
 
-    def __init__(self, compiled: CompiledPipeline) -> None:
+    def __init__(self, compiled: CompiledPipeline, options: DeployOptions | None = None) -> None:
         from pipeline_ir.backends.lower import cluster_gpus, lower, needs_ray
 
+        self.options = options if options is not None else DeployOptions()
         if needs_ray(compiled.graph):
             # GPU placement is decided by a pass, with the cluster's GPUs.
             compiled = compiled.place(cluster_gpus())
         self.compiled = compiled
-        self._program: Program = lower(compiled.graph, compiled.bindings)
-        self._run: Callable[[object], object] = self._program.run
-        self._arun: Callable[[object], Awaitable[object]] = self._program.arun
+        self._program: Program = lower(compiled.graph, compiled.bindings, self.options)
+        self._admission = Admission(self.options.max_in_flight, self.options.overload_timeout_s)
+        self._closed = False
         # Garbage collection ends the actors too; the finalizer holds the
         # program, never the Pipeline, so it does not keep it alive.
         self._finalizer = weakref.finalize(self, self._program.close)
@@ -60,35 +55,72 @@ class Pipeline:
         """The generated Python source of one synchronous call."""
         return self._program.code.source
 
-    def call(self, x: object = None) -> object:
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PipelineError("this pipeline was shut down; deploy it again to call it")
+
+    def call(self, x: object = None, *, timeout: float | None = None) -> object:
         """Run the pipeline on `x` and return its result (a tuple for a
-        multi-output pipeline). A step's exception raises StepError."""
-        try:
-            return self._run(x)
-        except Exception as e:
-            raise self._program.translate(e)  # noqa: B904 (the StepError carries its cause)
+        multi-output pipeline).
 
-    async def call_async(self, x: object = None) -> object:
-        """`call` for asyncio: awaits Ray results instead of blocking."""
+        A step's exception raises StepError. With `timeout` (seconds), a
+        call still running then raises PipelineTimeoutError (a TimeoutError)
+        naming the step still running, and the rest of the call is
+        cancelled. Past `deploy(max_in_flight=N)` calls in flight, raises
+        PipelineOverloadedError after `overload_timeout_s`."""
+        seconds = check_timeout("call()", timeout)
+        self._check_open()
+        self._admission.enter()
         try:
-            return await self._arun(x)
-        except Exception as e:
-            raise self._program.translate(e, is_async=True)  # noqa: B904
+            return self._program.call(x, seconds)
+        finally:
+            self._admission.exit()
 
-    def map(self, xs: Iterable[object], max_in_flight: int = 8) -> Iterator[object]:
+    async def call_async(self, x: object = None, *, timeout: float | None = None) -> object:
+        """`call` for asyncio: awaits Ray results instead of blocking.
+        Cancelling the awaiting task cancels the call's remote work."""
+        seconds = check_timeout("call_async()", timeout)
+        self._check_open()
+        await self._admission.enter_async()
+        try:
+            return await self._program.acall(x, seconds)
+        finally:
+            self._admission.exit()
+
+    async def _call_for_map(self, x: object, timeout: float | None) -> object:
+        # map() paces itself: it waits for admission instead of overflowing.
+        await self._admission.enter_async(wait=True)
+        try:
+            return await self._program.acall(x, timeout)
+        finally:
+            self._admission.exit()
+
+    def map(
+        self, xs: Iterable[object], max_in_flight: int = 8, *, timeout: float | None = None, return_exceptions: bool = False
+    ) -> Iterator[object]:
         """Results for each x of `xs`, in input order, with up to
-        `max_in_flight` calls running at once."""
+        `max_in_flight` calls running at once (never more than the
+        pipeline's own `max_in_flight`).
+
+        `timeout` is each call's deadline. With `return_exceptions=True` a
+        failed item yields its exception (StepError, PipelineTimeoutError)
+        in its place and the rest go on, so every item is accounted for;
+        otherwise the first failure is raised and the calls still in flight
+        are cancelled."""
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"map(): max_in_flight must be an int >= 1, got {max_in_flight!r}")
+        seconds = check_timeout("map()", timeout)
+        self._check_open()
         if not self._program.uses_ray:
             # Local steps run in this thread anyway: concurrency buys nothing.
-            return (self.call(x) for x in xs)
-        return _map_async(self.call_async, xs, max_in_flight)
+            return _map_local(self, xs, seconds, return_exceptions)
+        limit = max_in_flight if self.options.max_in_flight is None else min(max_in_flight, self.options.max_in_flight)
+        return _map_async(lambda x: self._call_for_map(x, seconds), xs, limit, return_exceptions)
 
     def shutdown(self) -> None:
-        """End every actor of the pipeline. Idempotent."""
-        self._run = _closed
-        self._arun = _aclosed
+        """Cancel the calls still running and end every actor of the
+        pipeline. Idempotent."""
+        self._closed = True
         self._finalizer()
 
     def __enter__(self) -> Pipeline:
@@ -102,10 +134,22 @@ class Pipeline:
         return f"<Pipeline {self.compiled.graph.name} ({state})>"
 
 
+def _map_local(p: Pipeline, xs: Iterable[object], timeout: float | None, return_exceptions: bool) -> Iterator[object]:
+    for x in xs:
+        try:
+            yield p.call(x, timeout=timeout)
+        except PipelineError as e:
+            if not return_exceptions:
+                raise
+            yield e
+
+
 _Handle = Union["asyncio.Task[object]", "concurrent.futures.Future[object]"]
 
 
-def _map_async(call: Callable[[object], Awaitable[object]], xs: Iterable[object], limit: int) -> Iterator[object]:
+def _map_async(
+    call: Callable[[object], Awaitable[object]], xs: Iterable[object], limit: int, return_exceptions: bool
+) -> Iterator[object]:
     """Drive `call` over `xs` on a private event loop, `limit` at a time."""
     runner = _LoopRunner()
     pending: collections.deque[_Handle] = collections.deque()
@@ -119,7 +163,7 @@ def _map_async(call: Callable[[object], Awaitable[object]], xs: Iterable[object]
                 except StopIteration:
                     exhausted = True
                     break
-                pending.append(runner.submit(_coroutine(call, x)))
+                pending.append(runner.submit(_coroutine(call, x, return_exceptions)))
             if not pending:
                 return
             yield runner.wait(pending.popleft())
@@ -127,8 +171,13 @@ def _map_async(call: Callable[[object], Awaitable[object]], xs: Iterable[object]
         runner.close(pending)
 
 
-async def _coroutine(call: Callable[[object], Awaitable[object]], x: object) -> object:
-    return await call(x)
+async def _coroutine(call: Callable[[object], Awaitable[object]], x: object, return_exceptions: bool) -> object:
+    if not return_exceptions:
+        return await call(x)
+    try:
+        return await call(x)
+    except PipelineError as e:
+        return e
 
 
 

@@ -232,7 +232,7 @@ def test_golden_dump_and_dot() -> None:
         "pipeline ensemble(%0: Any) -> str:\n"
         "  %1: list[float] = pre(%0)                     # tasks\n"
         '  %2: dict[str, float] = Classifier("resnet18")(%1) # actors x2 gpu=1\n'
-        '  %3: dict[str, float] = Classifier("resnet34")(%1) # actors x2 gpu=1\n'
+        '  %3: dict[str, float] = Classifier#2("resnet34")(%1) # actors x2 gpu=1\n'
         "  %4: dict[str, float] = merge(%2, %3)\n"
         "  %5: str = label(%4)\n"
         "  return %5"
@@ -241,7 +241,7 @@ def test_golden_dump_and_dot() -> None:
         "pipeline ensemble(%0: Any) -> str:\n"
         "  %1: list[float] = pre(%0)                     # tasks\n"
         '  %2: dict[str, float] = Classifier("resnet18")(%1) # actors x2 gpu=1\n'
-        '  %3: dict[str, float] = Classifier("resnet34")(%1) # actors x2 gpu=1\n'
+        '  %3: dict[str, float] = Classifier#2("resnet34")(%1) # actors x2 gpu=1\n'
         "  %6: str = fused local {                       # local, 2 nodes\n"
         "    %4: dict[str, float] = merge(%2, %3)\n"
         "    %5: str = label(%4)\n"

@@ -269,7 +269,7 @@ def test_async_errors_are_step_errors() -> None:
 
 def test_generated_code_is_straight_line() -> None:
     with pipeline.compile(double(add_one(pipeline.INPUT))).deploy() as p:
-        assert p.code == "def run(v0):\n    v1 = s_add_one(v0)\n    v2 = s_double(v1)\n    v3 = v2\n    return v3\n"
+        assert p.code == "def run(v0):\n    v1 = add_one(v0)\n    v2 = double(v1)\n    v3 = v2\n    return v3\n"
 
 
 def test_local_pipeline_never_imports_ray_or_torch() -> None:

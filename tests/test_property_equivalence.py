@@ -2,7 +2,9 @@
 
 Hypothesis draws a recipe (a small program: 1-10 steps with fan-out,
 fan-in, projections, constants, switches, random modes, replica counts,
-purity, fuse flags and GPU shares, repeated calls for CSE to find) built
+purity, fuse flags and GPU shares, repeated calls for CSE to find, and
+step names that clash: one __name__ from a factory, names equal after
+sanitizing, builtins, keywords, generated-looking and non-ASCII) built
 from the module-level steps below, so that Ray workers can import them.
 The recipe becomes a builder graph; a reference evaluator walks that
 builder graph in plain Python, and each pipeline must agree with it on
@@ -106,7 +108,19 @@ class Offset:
         return x + self.k
 
 
-UNARY = {"inc": inc, "double": double, "neg": neg, "check": check}
+def make_shift(k: int) -> Callable[[int], int]:
+    """A factory: every step it makes is called "shift" (one __name__ and
+    __qualname__ for different functions, as an ensemble built in a loop)."""
+
+    def shift(x: int) -> int:
+        return x + k
+
+    return shift
+
+
+SHIFTS = {k: make_shift(k) for k in (1, 10, 100)}
+
+UNARY = {"inc": inc, "double": double, "neg": neg, "check": check, **{f"shift{k}": f for k, f in SHIFTS.items()}}
 BINARY = {"add": add, "sub": sub}
 MODES = ("local", "tasks", "actors")
 
@@ -120,6 +134,14 @@ class Variant:
     pure: bool = False
     fuse: bool = True
     gpus: float | None = None
+    name: str | None = None  # the step's name= option (None: its __name__)
+
+
+# Step names that once made two different steps share one generated global:
+# equal after sanitizing, builtins and keywords, the generator's own names,
+# other steps' names, and non-ASCII (NFKC folds "ﬁ" into "fi").
+NAMES = ["a b", "a_b", "a-b", "len", "print", "class", "v1", "v2", "f1", "_get", "fetched", "run", "arun",
+         "group5", "inc", "double", "shift", "shift#2", "ü", "ﬁ", "fi", "9"]
 
 
 def variants(allow_gpu: bool) -> st.SearchStrategy[Variant]:
@@ -132,6 +154,7 @@ def variants(allow_gpu: bool) -> st.SearchStrategy[Variant]:
             pure=draw(st.booleans()),
             fuse=draw(st.sampled_from([True, True, True, False])),
             gpus=draw(st.sampled_from([None, None, None, 1.0])) if allow_gpu and mode != "local" else None,
+            name=draw(st.sampled_from([None, None, *NAMES])),
         )
 
     return draw()
@@ -143,9 +166,11 @@ _STEPS: dict[tuple[object, Variant], Any] = {}
 def step_of(target: Callable[..., object], v: Variant) -> Any:
     """The step for `target` decorated as `v`: one object per pair, so a
     recipe that reuses a variant reuses the step (one StepSpec, one pool)."""
-    v = Variant(v.mode, v.replicas, v.pure and not isinstance(target, type), v.fuse, v.gpus)
+    v = Variant(v.mode, v.replicas, v.pure and not isinstance(target, type), v.fuse, v.gpus, v.name)
     if (target, v) not in _STEPS:
-        decorate = pipeline.step(execution_mode=v.mode, num_replicas=v.replicas, num_gpus=v.gpus, fuse=v.fuse, pure=v.pure)
+        decorate = pipeline.step(
+            execution_mode=v.mode, num_replicas=v.replicas, num_gpus=v.gpus, fuse=v.fuse, pure=v.pure, name=v.name
+        )
         _STEPS[(target, v)] = decorate(target)
     return _STEPS[(target, v)]
 

@@ -52,12 +52,16 @@ def value_text(value: Value) -> str:
 
 
 def step_text(step: StepSpec) -> str:
-    """`name` for a function step, `Name(init args)` for a class step."""
+    """`name` for a function step, `Name(init args)` for a class step.
+
+    The step's key stands for its name: it is the name itself unless an
+    earlier step of the graph has that name too (`model`, `model#2`), so
+    two different steps never print alike."""
     if step.kind == "function":
-        return step.name
+        return step.key
     parts = [value_text(v) for v in step.init_args]
     parts += [f"{k}={value_text(v)}" for k, v in step.init_kwargs]
-    return f"{step.name}({', '.join(parts)})"
+    return f"{step.key}({', '.join(parts)})"
 
 
 def placement_text(

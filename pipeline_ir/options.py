@@ -1,0 +1,77 @@
+"""`DeployOptions`: how a deployed pipeline serves calls (`deploy(...)`).
+
+Checked when `deploy()` is called, before anything starts: a bad value is
+a ValueError naming the option and saying what it takes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import TypedDict
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeployOptions:
+    """Options of `deploy()`; docs/operations.md says how to size them.
+
+    max_in_flight: calls admitted at once for the whole pipeline (None: no
+        bound). Past it, a call waits up to `overload_timeout_s` for a slot,
+        then raises PipelineOverloadedError; `map()` waits instead.
+    overload_timeout_s: how long a call waits for a slot (0: not at all).
+    deploy_timeout_s: how long `deploy()` waits for every replica to be
+        built (constructors, resources); past it, it fails and ends them.
+    health_check_period_s: how often each actor replica is pinged; one that
+        does not answer within `health_check_timeout_s` (a stopped process,
+        a lost node) is replaced, and its calls fail or are retried.
+    max_retries: how many times a call of an `idempotent=True` step that
+        was lost with its replica is sent to another replica.
+    abandon_grace_s: after a call's deadline, how long an actor replica may
+        stay busy with the abandoned call before it is replaced (Ray cannot
+        interrupt a running actor call).
+    """
+
+    max_in_flight: int | None = None
+    overload_timeout_s: float = 0.0
+    deploy_timeout_s: float = 300.0
+    health_check_period_s: float = 2.0
+    health_check_timeout_s: float = 10.0
+    max_retries: int = 3
+    abandon_grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight is not None and (
+            isinstance(self.max_in_flight, bool) or not isinstance(self.max_in_flight, int) or self.max_in_flight < 1
+        ):
+            raise ValueError(f"deploy(): max_in_flight must be an int >= 1 or None, got {self.max_in_flight!r}")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"deploy(): max_retries must be an int >= 0, got {self.max_retries!r}")
+        for f in fields(self):
+            if f.name.endswith("_s"):
+                value = getattr(self, f.name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                    raise ValueError(f"deploy(): {f.name} must be a number of seconds >= 0, got {value!r}")
+        for name in ("health_check_period_s", "health_check_timeout_s", "deploy_timeout_s"):
+            if getattr(self, name) == 0:
+                raise ValueError(f"deploy(): {name} must be > 0")
+
+
+def check_timeout(where: str, timeout: object) -> float | None:
+    """A call's `timeout=` argument, checked: None or seconds > 0."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"{where}: timeout must be a number of seconds > 0 or None, got {timeout!r}")
+    return float(timeout)
+
+
+class DeployKwargs(TypedDict, total=False):
+    """The keyword arguments of `deploy()`: the fields of DeployOptions."""
+
+    max_in_flight: int | None
+    overload_timeout_s: float
+    deploy_timeout_s: float
+    health_check_period_s: float
+    health_check_timeout_s: float
+    max_retries: int
+    abandon_grace_s: float
