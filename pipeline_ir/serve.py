@@ -34,13 +34,13 @@ the pipeline: it compiles, deploys and calls it like any other caller.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import logging
 import math
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Unpack
 
 import msgspec
 from ray import serve
@@ -50,6 +50,7 @@ from starlette.responses import Response
 from pipeline_ir.builder import PipelineNode
 from pipeline_ir.compile import CompiledPipeline, compile
 from pipeline_ir.errors import PipelineOverloadedError, StepError
+from pipeline_ir.options import DeployKwargs, DeployOptions, check_timeout
 from pipeline_ir.pipeline import Pipeline
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_ONGOING_REQUESTS", "PipelineIngress", "app"]
@@ -73,7 +74,7 @@ class _Settings:
     max_body_bytes: int
     timeout: float | None
     retry_after_s: int
-    deploy_options: Mapping[str, Any] = field(default_factory=dict)
+    deploy_options: DeployKwargs
 
 
 class _HTTPError(Exception):
@@ -105,12 +106,13 @@ class PipelineIngress:
         return Response(body, media_type="application/json")
 
     def __del__(self) -> None:
-        # Serve calls this when it stops the replica; the garbage collector
-        # may call it again. shutdown() is idempotent. The constructor may
-        # have failed before the pipeline existed.
-        pipeline: Pipeline | None = getattr(self, "_pipeline", None)
+        # Serve calls this when it stops the replica, and the garbage
+        # collector may call it again: the first call takes the pipeline.
+        # The constructor may have failed before the pipeline existed.
+        pipeline: Pipeline | None = self.__dict__.pop("_pipeline", None)
         if pipeline is not None:
             pipeline.shutdown()
+            logger.info("pipeline_ir.serve: pipeline %r shut down with its replica", pipeline.graph.name)
 
 
 _Ingress: Any = serve.deployment(PipelineIngress)
@@ -125,7 +127,7 @@ def app(
     timeout: float | None = None,
     max_ongoing_requests: int | None = None,
     ray_actor_options: Mapping[str, object] | None = None,
-    **deploy_options: object,
+    **deploy_options: Unpack[DeployKwargs],
 ) -> serve.Application:
     """A Ray Serve application that answers HTTP POSTs with the pipeline.
 
@@ -143,23 +145,25 @@ def app(
     ray_actor_options: Serve's options for the ingress replicas' actors
         (default: Serve's, 1 CPU).
     deploy_options: as for `deploy()` (`max_in_flight`,
-        `overload_timeout_s`), applied by each replica.
+        `overload_timeout_s`, ...), checked here, applied by each replica.
 
     Run it with `serve.run(app(...), route_prefix="/name")`.
     """
     compiled = node_or_compiled if isinstance(node_or_compiled, CompiledPipeline) else compile(node_or_compiled)
     _check_positive_int("num_replicas", num_replicas)
     _check_positive_int("max_body_bytes", max_body_bytes)
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
-        raise ValueError(f"app(): timeout must be a number of seconds > 0 or None, got {timeout!r}")
-    try:
-        # A wrong deploy option fails here, not in a replica Serve restarts.
-        inspect.signature(compiled.deploy).bind(**deploy_options)
-    except TypeError as e:
-        raise TypeError(f"app(): {e}; the options after the pipeline are those of deploy()") from None
+    seconds = check_timeout("app()", timeout)
+    # Wrong deploy options fail here, not in replicas that Serve restarts.
+    known = [f.name for f in dataclasses.fields(DeployOptions)]
+    unknown = sorted(set(deploy_options) - set(known))
+    if unknown:
+        raise TypeError(
+            f"app(): unknown option(s) {', '.join(unknown)}; besides its own keywords, app() takes "
+            f"the options of deploy(): {', '.join(known)}"
+        )
+    checked = DeployOptions(**deploy_options)
     if max_ongoing_requests is None:
-        in_flight = deploy_options.get("max_in_flight")
-        max_ongoing_requests = max(DEFAULT_MAX_ONGOING_REQUESTS, 2 * in_flight if isinstance(in_flight, int) else 0)
+        max_ongoing_requests = max(DEFAULT_MAX_ONGOING_REQUESTS, 2 * (checked.max_in_flight or 0))
     _check_positive_int("max_ongoing_requests", max_ongoing_requests)
 
     # Serve pickles the pipeline now; steps from modules its workers cannot
@@ -167,13 +171,12 @@ def app(
     from pipeline_ir.backends.ray_runtime import ship_code
 
     ship_code(binding.target for binding in compiled.bindings.steps.values())
-    overload_s = deploy_options.get("overload_timeout_s")
     settings = _Settings(
         max_body_bytes=max_body_bytes,
-        timeout=None if timeout is None else float(timeout),
+        timeout=seconds,
         # The pipeline already waited overload_timeout_s for a free slot.
-        retry_after_s=max(1, math.ceil(overload_s)) if isinstance(overload_s, (int, float)) else 1,
-        deploy_options=dict(deploy_options),
+        retry_after_s=max(1, math.ceil(checked.overload_timeout_s)),
+        deploy_options=deploy_options,
     )
     options: dict[str, object] = {
         "name": name or compiled.graph.name,
@@ -260,7 +263,7 @@ def _error_response(exc: Exception, retry_after_s: int) -> Response:
     if isinstance(exc, PipelineOverloadedError):
         return _error(503, str(exc), headers={"Retry-After": str(retry_after_s)})
     if isinstance(exc, TimeoutError):
-        # pipeline_ir.errors.PipelineTimeoutError names the step still running.
+        # PipelineTimeoutError names the step still running.
         return _error(504, str(exc) or "the request's timeout expired", getattr(exc, "step_name", None))
     if isinstance(exc, StepError):
         status = 422 if isinstance(exc.__cause__, _BAD_INPUT) else 500

@@ -274,8 +274,10 @@ def test_app_checks_its_arguments_before_anything_runs() -> None:
         app(node, max_body_bytes=0)
     with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
         app(node, timeout=0)
-    with pytest.raises(TypeError, match="options after the pipeline are those of deploy"):
-        app(node, max_inflight=3)
+    with pytest.raises(TypeError, match="unknown option.s. max_inflight; .* deploy..: max_in_flight, "):
+        app(node, max_inflight=3)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="max_in_flight must be an int >= 1"):
+        app(node, max_in_flight=0)
 
 
 # --- shutdown (keep last: it ends the module's Serve instance) -------------
