@@ -1,7 +1,7 @@
 """Image classification over HTTP: the seed's chaining pipeline
 (preprocess in Ray tasks -> resnet18 in two Ray actors) behind Ray Serve.
 
-    python examples/serve_classify.py                    # serves until Ctrl-C
+    python examples/serve_classify.py                    # serves until Ctrl-C (or SIGTERM)
     python examples/serve_classify.py --port 8001 --weights resnet18.pt
     python examples/serve_classify.py --check            # one request to itself, then exit
 
