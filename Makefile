@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[ray,vision,dev]'
+	$(PY) -m pip install -q -e '.[ray,vision,dev,serve]'
 	touch $(STAMP)
 
 setup: $(STAMP)
