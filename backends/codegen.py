@@ -139,14 +139,14 @@ class _Emitter:
                 self.emit(indent, f"v{node.id} = {self.bind(f'c{node.id}', obj)}")
             case Call():
                 step = self.graph.step(node.step)
-                launcher = self.launchers[step.mode]
+                launcher = self.launchers[step.placement.mode]
                 name = self.bind(global_name("s" if not launcher.remote else "r", step.key), launcher.callee(node))
                 args = self.arguments(node, not launcher.remote, indent)
                 self.emit(indent, f"v{node.id} = {launcher.expr(node, name, args, self.is_async)}", node.id)
             case Project(source=source, key=key):
                 self.emit(indent, f"v{node.id} = {self.local(source, indent)}[{key!r}]", node.id)
-            case Fused(mode=mode, inputs=inputs):
-                launcher = self.launchers[mode]
+            case Fused(placement=placement, inputs=inputs):
+                launcher = self.launchers[placement.mode]
                 if not launcher.remote:
                     for inner in node.body:
                         self.node(indent, inner)
@@ -237,7 +237,7 @@ def generate_body(graph: Graph, fused: Fused, launcher: Launcher, constants: Map
     """The function a remote fused group runs: its inputs in, output out.
 
     Only local calls happen inside a group, so `launcher` is a local one."""
-    emitter = _Emitter(graph, {fused.mode: launcher}, constants, is_async=False)
+    emitter = _Emitter(graph, {fused.placement.mode: launcher}, constants, is_async=False)
     return emitter.function(f"group{fused.id}", fused.inputs, tuple(fused.body), (fused.output,), False)
 
 

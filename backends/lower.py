@@ -14,7 +14,7 @@ from typing import cast
 from pipeline_ir.backends.codegen import Launcher, PythonCode, generate, translate_error
 from pipeline_ir.backends.local import LocalLauncher
 from pipeline_ir.ir.graph import Graph
-from pipeline_ir.ir.nodes import Call, Fused, Mode
+from pipeline_ir.ir.nodes import Mode
 from pipeline_ir.trace import Bindings
 
 
@@ -41,20 +41,9 @@ class Program:
             close()
 
 
-def modes(graph: Graph) -> set[Mode]:
-    """The execution modes a graph's top-level nodes run in."""
-    used: set[Mode] = set()
-    for n in graph.nodes:
-        if isinstance(n, Call):
-            used.add(graph.step(n.step).mode)
-        elif isinstance(n, Fused):
-            used.add(n.mode)
-    return used
-
-
 def needs_ray(graph: Graph) -> bool:
     """Whether deploying `graph` needs Ray (a TASKS or ACTORS node)."""
-    return bool(modes(graph) & {"tasks", "actors"})
+    return bool(graph.modes() & {"tasks", "actors"})
 
 
 def cluster_gpus() -> float:
@@ -67,16 +56,12 @@ def cluster_gpus() -> float:
 
 def local_keys(graph: Graph) -> list[str]:
     """Step keys called in this process: local calls and local fused bodies."""
-    keys: dict[str, None] = {}
-    for n in graph.all_nodes():
-        if isinstance(n, Call) and graph.step(n.step).mode == "local":
-            keys[n.step] = None
-    return list(keys)
+    return [s.key for s in graph.steps if not s.placement.remote]
 
 
 def lower(graph: Graph, bindings: Bindings) -> Program:
     """Build everything `graph` needs and return its Program."""
-    used = modes(graph)
+    used = graph.modes()
     closers: list[Callable[[], None]] = []
     launchers: dict[Mode, Launcher] = {"local": LocalLauncher(graph, bindings.steps, local_keys(graph))}
     runtime: dict[str, object] = {}

@@ -20,6 +20,7 @@ from pipeline_ir.builder import CallNode, InputNode, PipelineNode, ProjectNode, 
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import (
     AnyNode,
+    Batching,
     Call,
     Case,
     Constant,
@@ -28,13 +29,14 @@ from pipeline_ir.ir.nodes import (
     Input,
     Param,
     ParamKind,
+    Placement,
     Project,
     StepSpec,
     Switch,
     Value,
 )
 from pipeline_ir.ir.types import ANY, TypeRef, from_annotation, item_type, join
-from pipeline_ir.step import ClassStep, ConfiguredStep, FunctionStep
+from pipeline_ir.step import ClassStep, ConfiguredStep, FunctionStep, StepOptions
 
 StepHandle = FunctionStep[object] | ConfiguredStep
 
@@ -179,10 +181,7 @@ class _Tracer:
             name=options.name,
             path=f"{target.__module__}:{target.__qualname__}",
             kind="function" if isinstance(handle, FunctionStep) else "class",
-            mode=options.mode.value,
-            num_replicas=options.num_replicas,
-            num_cpus=options.num_cpus,
-            num_gpus=options.num_gpus,
+            placement=_placement(options),
             fuse=options.fuse,
             pure=options.pure,
             init_args=init_args,
@@ -242,6 +241,22 @@ class _Tracer:
             self.nodes.append(Switch(id=node_id, type=result_type, key=key, cases=cases, default=default))
             return node_id
         raise TypeError(f"cannot trace {node!r}")
+
+
+def _placement(options: StepOptions) -> Placement:
+    """A step's options as the IR's Placement."""
+    batching = None
+    if options.max_batch_size is not None:
+        assert options.batch_wait_timeout_s is not None  # step.py sets the default
+        batching = Batching(max_batch_size=options.max_batch_size, batch_wait_timeout_s=options.batch_wait_timeout_s)
+    return Placement(
+        mode=options.mode.value,
+        num_replicas=options.num_replicas,
+        num_cpus=options.num_cpus,
+        num_gpus=options.num_gpus,
+        batching=batching,
+        idempotent=options.idempotent,
+    )
 
 
 def _dependencies(node: PipelineNode) -> list[PipelineNode]:

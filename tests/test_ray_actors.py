@@ -207,14 +207,15 @@ def unpack(pair: tuple[int, int]) -> int:
 
 
 def test_fused_actor_group_runs_in_one_process_per_replica() -> None:
-    from pipeline_ir.passes.grouping import Placement, fuse_pass
+    from pipeline_ir.ir import Placement
+    from pipeline_ir.passes.grouping import fuse_pass
 
     a, b = Counter(0), Counter(100)
     node = b(unpack(a(pipeline.INPUT)))
     compiled = pipeline.compile(node, optimize=False)
     fused = fuse_pass(
         compiled.graph,
-        lambda s: "actors" if s.mode == "actors" else None,
+        lambda s: "actors" if s.placement.mode == "actors" else None,
         lambda steps: Placement(mode="actors", num_replicas=2),
         "test",
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-from pipeline_ir.ir.nodes import AnyNode, Fused, StepSpec, node_inputs
+from pipeline_ir.ir.nodes import AnyNode, Call, Fused, Mode, Placement, StepSpec, node_inputs
 
 
 CALLER = -1  # the reader of a graph output, in `Graph.readers()`
@@ -110,3 +110,41 @@ class Graph(msgspec.Struct, frozen=True, kw_only=True):
 
     def __str__(self) -> str:
         return self.dump()
+
+    # -- units and placement (a unit: a top-level call or fused group) --
+
+    def callers(self, key: str) -> tuple[Call, ...]:
+        """The call nodes of step `key`, inside fused groups too, in order."""
+        return tuple(n for n in self.all_nodes() if isinstance(n, Call) and n.step == key)
+
+    def unit_of(self, node_id: int) -> Call | Fused | None:
+        """The top-level call or fused group node `node_id` runs in: itself,
+        or the group holding it; None for a node the caller runs outside
+        any unit (the input, a top-level constant, projection or switch)."""
+        for n in self.nodes:
+            if n.id == node_id:
+                return n if isinstance(n, (Call, Fused)) else None
+            if isinstance(n, Fused) and any(b.id == node_id for b in n.body):
+                return n
+        raise KeyError(f"graph {self.name!r} has no node %{node_id}")
+
+    def placement_of(self, node_id: int) -> Placement:
+        """Where node `node_id` runs: the placement of its unit (a call's
+        step, or the fused group holding it); LOCAL outside any unit."""
+        unit = self.unit_of(node_id)
+        return _IN_CALLER if unit is None else self.unit_placement(unit)
+
+    def unit_placement(self, unit: Call | Fused) -> Placement:
+        """The placement of a top-level call (its step's) or fused group."""
+        return unit.placement if isinstance(unit, Fused) else self.step(unit.step).placement
+
+    def units(self) -> tuple[Call | Fused, ...]:
+        """The top-level calls and fused groups, in order."""
+        return tuple(n for n in self.nodes if isinstance(n, (Call, Fused)))
+
+    def modes(self) -> set[Mode]:
+        """The execution modes the graph's units run in."""
+        return {self.unit_placement(u).mode for u in self.units()}
+
+
+_IN_CALLER = Placement()
