@@ -16,6 +16,8 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import msgspec
+
 from pipeline_ir.builder import CallNode, InputNode, PipelineNode, ProjectNode, SwitchNode, has_default
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import (
@@ -176,6 +178,8 @@ class _Tracer:
             init_args = tuple(self.value(a, f"init:{key}:{i}") for i, a in enumerate(handle.init_args))
             init_kwargs = tuple((k, self.value(v, f"init:{key}:{k}")) for k, v in handle.init_kwargs.items())
             self.bindings[key] = StepBinding(target, handle.init_args, dict(handle.init_kwargs))
+        if options.max_batch_size is not None:
+            params, returns = _per_item(params, returns)
         spec = StepSpec(
             key=key,
             name=options.name,
@@ -241,6 +245,22 @@ class _Tracer:
             self.nodes.append(Switch(id=node_id, type=result_type, key=key, cases=cases, default=default))
             return node_id
         raise TypeError(f"cannot trace {node!r}")
+
+
+def _per_item(params: tuple[Param, ...], returns: TypeRef) -> tuple[tuple[Param, ...], TypeRef]:
+    """A batched step's signature as its callers see it: its callable takes
+    a list of inputs (its first parameter) and returns a list of results,
+    but each call passes one input and gets one result."""
+
+    def element(t: TypeRef) -> TypeRef:
+        return item_type(t, 0) if t.name in _SEQUENCES else ANY
+
+    if params:
+        params = (msgspec.structs.replace(params[0], type=element(params[0].type)),) + params[1:]
+    return params, element(returns)
+
+
+_SEQUENCES = frozenset({"builtins.list", "collections.abc.Sequence", "typing.Sequence"})
 
 
 def _placement(options: StepOptions) -> Placement:
