@@ -61,6 +61,14 @@ def local_keys(graph: Graph) -> list[str]:
 
 def lower(graph: Graph, bindings: Bindings) -> Program:
     """Build everything `graph` needs and return its Program."""
+    batched = [s.name for s in graph.steps if s.placement.batching is not None]
+    if batched:
+        # Running them one item at a time would hand a list-taking callable
+        # single values: fail loudly until the batching runtime exists.
+        raise NotImplementedError(
+            f"step {batched[0]!r}: max_batch_size is recorded in the graph, but this version cannot run "
+            "batched steps yet; remove max_batch_size (docs/user-guide.md, 'Not implemented yet')"
+        )
     used = graph.modes()
     closers: list[Callable[[], None]] = []
     launchers: dict[Mode, Launcher] = {"local": LocalLauncher(graph, bindings.steps, local_keys(graph))}

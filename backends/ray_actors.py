@@ -135,6 +135,7 @@ class Pool:
         self.closed = False
         self._next = 0  # where the round-robin tie-break starts
         self._lock = threading.Lock()
+        self._compiling = threading.Lock()  # one channel compiled at a time
 
     def start(self, count: int | None = None) -> None:
         """Start replicas until the pool has `count` (default: all)."""
@@ -267,10 +268,22 @@ class Pool:
                 return self.channel
         self._replace_dead()
         self.wait_ready()
-        with self._lock:
-            if self.channel is None:
-                self.channel = Channel(self.slots[0].handle)
-            return self.channel
+        # Compiled outside self._lock, which Ray's callback thread takes
+        # (_done, _record): compiling waits on Ray, and Ray on that thread.
+        with self._compiling:
+            with self._lock:
+                if self.channel is not None:
+                    return self.channel
+                handle = self.slots[0].handle
+            channel = Channel(handle)
+            with self._lock:
+                closed = self.closed
+                if not closed:
+                    self.channel = channel
+            if closed:
+                channel.close()
+                raise RuntimeError(f"the replicas of step {self.unit.label!r} were shut down")
+            return channel
 
     def _drop_channel(self, channel: Channel) -> None:
         with self._lock:
