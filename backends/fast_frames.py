@@ -1,30 +1,29 @@
 """The fast path's wire format and socket I/O (used by fast_transport.py).
 
-A frame is a 16-byte header (kind, version, buffer count, fd count, body
-length), one (length, carrier) entry per out-of-band buffer, the pickle
-body, then the buffers that travel inline. The body is pickled as Ray
-pickles (cloudpickle: classes and functions of `__main__` by value),
-protocol 5, with CPU torch tensors through serialization.py, so numpy
-arrays and tensors leave their data out of band: a buffer up to the
-sender's threshold is sent inline with the frame (one sendmsg, no copy in
-user space), a larger one is copied once into a sealed memfd whose fd
-rides along (SCM_RIGHTS) and the receiver maps it read-only: zero-copy,
-and the kernel frees it with the last mapping, whoever dies first.
+A frame is a 16-byte header (kind, version, buffer count, fd count, notice
+count, body length), one (length, carrier, segment) entry per out-of-band
+buffer, the notices (fast_segments.py), the pickle body, then the buffers
+that travel inline. The body is pickled as Ray pickles (cloudpickle:
+classes and functions of `__main__` by value), protocol 5, with CPU torch
+tensors through serialization.py, so numpy arrays and tensors leave their
+data out of band: a buffer up to the threshold travels inline with the
+frame (one sendmsg, no copy in user space), a larger one is copied once
+into a shared-memory segment that the receiver maps read-only
+(fast_segments.py): zero-copy on arrival.
 
-Sockets are non-blocking; an operation that would block awaits a
-*waiter*. Threads use `blocking(deadline)`, which polls and never
-suspends, so the same coroutine runs to completion synchronously (`run`);
-asyncio uses `on_loop`, the running loop's reader and writer callbacks.
-One implementation of the protocol serves both. This module knows nothing
-of servers, clients, pids or replicas.
+A `Link` is one end of a connection with that state. Sockets are
+non-blocking; an operation that would block awaits a *waiter*. Threads use
+`blocking(deadline)`, which polls and never suspends, so the same
+coroutine runs to completion synchronously (`run`); asyncio uses
+`on_loop`, the running loop's reader and writer callbacks. One
+implementation of the protocol serves both. This module knows nothing of
+servers, clients, pids or replicas.
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
-import copyreg
-import fcntl
 import io
 import math
 import mmap
@@ -41,17 +40,20 @@ from collections.abc import Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pipeline_ir.backends.fast_segments import DROP, Inbox, Outbox
+
 T = TypeVar("T")
 
 CALL, OK, ERR = 1, 2, 3  # frame kinds
 SCRATCH = 64 * 1024  # per-connection receive buffer: small frames land here
 _MAX_FDS = 64  # per frame (the kernel allows 253); further large buffers go inline
 _MAX_PARTS = 512  # iovecs per sendmsg (IOV_MAX is 1024)
-_HEADER = struct.Struct("<BBHHxxQ")  # kind, version, buffers, fds, body length
-_ENTRY = struct.Struct("<QQ")  # buffer length, carrier
+_HEADER = struct.Struct("<BBHHHQ")  # kind, version, buffers, fds, notices, body length
+_ENTRY = struct.Struct("<QII")  # buffer length, carrier, segment id
+_NOTICE = struct.Struct("<I")
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _VERSION = 1
-_INLINE, _MEMFD = 0, 1
+_INLINE, _SEGMENT, _NEW_SEGMENT = 0, 1, 2  # carriers; a new segment's fd comes with the frame
 
 
 class TransportError(ConnectionError):
@@ -120,62 +122,34 @@ _encoder = _Encoder()
 
 
 @dataclass
+class Pickled:
+    """A value pickled: the body, and the buffers it left out of band."""
+
+    body: bytes
+    buffers: list[pickle.PickleBuffer]
+
+
+def dumps(value: object) -> Pickled:
+    """Pickle `value` as the fast path does (see the module docstring)."""
+    return Pickled(*_encoder.dumps(value))
+
+
+@dataclass
 class Outgoing:
-    """A frame ready to send: its parts (header first) and the memfds to pass."""
+    """A frame ready to send: its parts (header first) and the fds of the
+    new segments it carries."""
 
     parts: list[Any]
     fds: list[int] = field(default_factory=list)
 
     def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-
-
-def _memfd(raw: memoryview) -> int:
-    """A sealed memfd holding a copy of `raw`."""
-    fd = os.memfd_create("pipeline_ir", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.posix_fallocate(fd, 0, raw.nbytes)  # all pages at once, faster than faulting them in
-        done = 0
-        while done < raw.nbytes:
-            done += os.pwrite(fd, raw[done:], done)
-        # Sealed: the receiver maps it knowing that it can neither shrink
-        # (SIGBUS) nor change under it.
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def encode(kind: int, value: object, threshold: int) -> Outgoing:
-    body, buffers = _encoder.dumps(value)
-    out = Outgoing([b"", body])
-    entries = []
-    try:
-        for buffer in buffers:
-            try:
-                raw = buffer.raw()
-            except BufferError:  # not contiguous: one copy
-                raw = memoryview(bytes(buffer))
-            if raw.nbytes > threshold and len(out.fds) < _MAX_FDS:
-                out.fds.append(_memfd(raw))
-                entries.append(_ENTRY.pack(raw.nbytes, _MEMFD))
-            else:
-                out.parts.append(raw)
-                entries.append(_ENTRY.pack(raw.nbytes, _INLINE))
-    except BaseException:
-        out.close()
-        raise
-    out.parts[0] = _HEADER.pack(kind, _VERSION, len(entries), len(out.fds), len(body)) + b"".join(entries)
-    if len(out.parts) > _MAX_PARTS:
-        out.parts = [out.parts[0], body, b"".join(out.parts[2:])]
-    return out
+        _close_all(self.fds)
 
 
 @dataclass
 class Incoming:
+    """A frame received; `value()` unpickles its body over its buffers."""
+
     kind: int
     body: memoryview
     buffers: list[Any]
@@ -184,55 +158,160 @@ class Incoming:
         return pickle.loads(self.body, buffers=self.buffers)
 
 
-def _read_frame(scratch: bytearray, fds: list[int]) -> Generator[memoryview, int, Incoming]:
-    """Receives one frame: yields where to read next, is sent how many
-    bytes arrived. The driver receives the frame's fds with its first read
-    (they come with its first byte) into `fds`; they are mapped here."""
-    buf, got = scratch, 0
-    need = _HEADER.size
-    stage = 0
-    while True:
-        if need > len(buf):
-            bigger = bytearray(need)
-            bigger[:got] = buf[:got]
-            buf = bigger
-        while got < need:
-            n = yield memoryview(buf)[got:]
-            if n == 0:
-                raise PeerGone("the connection closed in the middle of a frame")
-            got += n
-        if stage == 0:
-            kind, version, nbuf, nfd, body_len = _HEADER.unpack_from(buf)
-            if version != _VERSION or nfd > _MAX_FDS or nfd != len(fds):
-                raise ProtocolError(f"bad frame header (version {version}, {nfd} fds announced, {len(fds)} received)")
-            table = _HEADER.size + nbuf * _ENTRY.size
-            need, stage = table, 1
-        elif stage == 1:
-            entries = [_ENTRY.unpack_from(buf, _HEADER.size + i * _ENTRY.size) for i in range(nbuf)]
-            if sum(carrier == _MEMFD for _, carrier in entries) != nfd:
-                raise ProtocolError("frame: the buffer table does not match the fds received")
-            need = table + body_len + sum(length for length, carrier in entries if carrier == _INLINE)
-            stage = 2
-        else:
-            break
-    if got != need:
-        raise ProtocolError(f"frame: {got - need} bytes past its end")
-    view = memoryview(buf)
-    own = buf is not scratch  # scratch is reused: copy out what must outlive this call
-    buffers: list[Any] = []
-    offset = table + body_len
-    for length, carrier in entries:
-        if carrier == _MEMFD:
-            fd = fds.pop(0)
+class Link:
+    """One end of a connection: the socket, a receive buffer for small
+    frames, the segments this end sends from and the peer's it maps. One
+    exchange at a time (the client pools links; the server has a thread
+    per link)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.scratch = bytearray(SCRATCH)
+        self.outbox = Outbox()
+        self.inbox = Inbox()
+
+    def frame(self, kind: int, pickled: Pickled, threshold: int) -> Outgoing:
+        """The frame for `pickled`: buffers over `threshold` bytes go into
+        segments, the rest inline; the notices due ride along."""
+        out = Outgoing([b"", pickled.body])
+        entries = []
+        placed: list[tuple[int, int | None]] = []
+        try:
+            for buffer in pickled.buffers:
+                try:
+                    raw = buffer.raw()
+                except BufferError:  # not contiguous: one copy
+                    raw = memoryview(bytes(buffer))
+                if raw.nbytes > threshold and len(out.fds) < _MAX_FDS:
+                    segment, fd = self.outbox.place(raw)
+                    placed.append((segment, fd))
+                    if fd is not None:
+                        out.fds.append(fd)
+                    entries.append(_ENTRY.pack(raw.nbytes, _SEGMENT if fd is None else _NEW_SEGMENT, segment))
+                else:
+                    out.parts.append(raw)
+                    entries.append(_ENTRY.pack(raw.nbytes, _INLINE, 0))
+        except BaseException:
+            out.close()
+            self.outbox.unplace(placed)
+            raise
+        notices = self.inbox.notices() + self.outbox.notices()
+        head = _HEADER.pack(kind, _VERSION, len(entries), len(out.fds), len(notices), len(pickled.body))
+        out.parts[0] = head + b"".join(entries) + b"".join(_NOTICE.pack(n) for n in notices)
+        if len(out.parts) > _MAX_PARTS:
+            out.parts = [out.parts[0], pickled.body, b"".join(out.parts[2:])]
+        return out
+
+    async def send(self, out: Outgoing, wait: Waiter) -> None:
+        """Send a frame; its fds are closed here, sent or not."""
+        sock = self.sock
+        try:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", out.fds))] if out.fds else []
+            while True:
+                try:
+                    sent = sock.sendmsg(out.parts, ancillary, socket.MSG_NOSIGNAL)
+                    break
+                except BlockingIOError:
+                    await wait(sock, True)
+            out.close()  # the receiver holds its own copies once sent
+            for rest in _unsent(out.parts, sent):
+                while rest:
+                    try:
+                        rest = rest[sock.send(rest, socket.MSG_NOSIGNAL) :]
+                    except BlockingIOError:
+                        await wait(sock, True)
+        finally:
+            out.close()
+
+    async def recv(self, wait: Waiter) -> Incoming:
+        """One frame. Its fds come with its first byte, hence recvmsg for
+        the first read."""
+        fds: list[int] = []
+        reader = self._read_frame(fds)
+        sock = self.sock
+        try:
+            view, first = next(reader), True
+            while True:
+                try:
+                    if first:
+                        n, ancdata, flags, _ = sock.recvmsg_into([view], _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
+                        _take_fds(ancdata, flags, fds)
+                    else:
+                        n = sock.recv_into(view)
+                except BlockingIOError:
+                    await wait(sock, False)
+                    continue
+                first = False
+                view = reader.send(n)
+        except StopIteration as stop:
+            frame: Incoming = stop.value
+            return frame
+        finally:
+            _close_all(fds)
+
+    def _read_frame(self, fds: list[int]) -> Generator[memoryview, int, Incoming]:
+        """Receives one frame: yields where to read next and is sent how
+        many bytes arrived (`recv` drives it; the fds land in `fds`)."""
+        buf, got = self.scratch, 0
+        for stage in range(3):
+            if stage == 0:
+                need = _HEADER.size
+            elif stage == 1:
+                kind, version, nbuf, nfd, nnotice, body_len = _HEADER.unpack_from(buf)
+                if version != _VERSION or nfd > _MAX_FDS or nfd != len(fds):
+                    raise ProtocolError(f"bad frame header (version {version}, {nfd} fds announced, {len(fds)} received)")
+                table = _HEADER.size + nbuf * _ENTRY.size
+                start = table + nnotice * _NOTICE.size
+                need = start
+            else:
+                entries = [_ENTRY.unpack_from(buf, _HEADER.size + i * _ENTRY.size) for i in range(nbuf)]
+                if sum(carrier == _NEW_SEGMENT for _, carrier, _ in entries) != nfd:
+                    raise ProtocolError("frame: its buffer table does not match the fds received")
+                need = start + body_len + sum(length for length, carrier, _ in entries if carrier == _INLINE)
+            if need > len(buf):
+                bigger = bytearray(need)
+                bigger[:got] = buf[:got]
+                buf = bigger
+            while got < need:
+                n = yield memoryview(buf)[got:]
+                if n == 0:
+                    raise PeerGone("the connection closed at or in the middle of a frame")
+                got += n
+        if got != need:
+            raise ProtocolError(f"frame: {got - need} bytes past its end")
+        for i in range(nnotice):
+            (notice,) = _NOTICE.unpack_from(buf, table + i * _NOTICE.size)
+            if notice & DROP:
+                self.inbox.forget(notice & ~DROP)
+            else:
+                self.outbox.released(notice)
+        view = memoryview(buf)
+        own = buf is not self.scratch  # the scratch buffer is reused: copy out what must outlive this frame
+        buffers: list[Any] = []
+        offset = start + body_len
+        for length, carrier, segment in entries:
+            if carrier == _INLINE:
+                piece = view[offset : offset + length]
+                buffers.append(piece.toreadonly() if own else piece.tobytes())
+                offset += length
+                continue
+            if carrier == _NEW_SEGMENT:
+                fd = fds.pop(0)
+                try:
+                    self.inbox.learn(segment, fd)
+                finally:
+                    os.close(fd)
             try:
-                buffers.append(mmap.mmap(fd, length, access=mmap.ACCESS_READ) if length else b"")
-            finally:
-                os.close(fd)
-        else:
-            piece = view[offset : offset + length]
-            buffers.append(piece.toreadonly() if own else piece.tobytes())
-            offset += length
-    return Incoming(kind, view[table : table + body_len], buffers)
+                buffers.append(self.inbox.buffer(segment, length))
+            except KeyError as e:
+                raise ProtocolError(f"frame: {e}") from None
+        return Incoming(kind, view[start : start + body_len], buffers)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.outbox.close()
+        self.inbox.close()
 
 
 _ANCILLARY = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
@@ -241,6 +320,9 @@ Waiter = Callable[[socket.socket, bool], Coroutine[Any, Any, None]]
 
 
 def blocking(deadline: float | None) -> Waiter:
+    """The waiter of a thread: polls until `deadline` (None: forever),
+    then raises socket.timeout."""
+
     async def wait(sock: socket.socket, write: bool) -> None:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
@@ -254,6 +336,7 @@ def blocking(deadline: float | None) -> Waiter:
 
 
 async def on_loop(sock: socket.socket, write: bool) -> None:
+    """The waiter of a coroutine: the running loop's reader (writer) callback."""
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
     fd = sock.fileno()
@@ -296,55 +379,9 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, fds: list[int])
         raise ProtocolError("frame: more fds than announced (truncated)")
 
 
-async def recv(sock: socket.socket, scratch: bytearray, wait: Waiter) -> Incoming:
-    """One frame from `sock`. Its fds come with its first byte, hence
-    recvmsg for the first read."""
-    fds: list[int] = []
-    reader = _read_frame(scratch, fds)
-    try:
-        view, first = next(reader), True
-        while True:
-            try:
-                if first:
-                    n, ancdata, flags, _ = sock.recvmsg_into([view], _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
-                    _take_fds(ancdata, flags, fds)
-                else:
-                    n = sock.recv_into(view)
-            except BlockingIOError:
-                await wait(sock, False)
-                continue
-            first = False
-            view = reader.send(n)
-    except StopIteration as stop:
-        frame: Incoming = stop.value
-        return frame
-    finally:
-        _close_all(fds)  # those not mapped: an error on the way
-
-
 def _close_all(fds: list[int]) -> None:
     while fds:
         os.close(fds.pop())
-
-
-async def send(sock: socket.socket, out: Outgoing, wait: Waiter) -> None:
-    try:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", out.fds))] if out.fds else []
-        while True:
-            try:
-                sent = sock.sendmsg(out.parts, ancillary, socket.MSG_NOSIGNAL)
-                break
-            except BlockingIOError:
-                await wait(sock, True)
-        out.close()  # the receiver holds its own copies of the fds once sent
-        for rest in _unsent(out.parts, sent):
-            while rest:
-                try:
-                    rest = rest[sock.send(rest, socket.MSG_NOSIGNAL) :]
-                except BlockingIOError:
-                    await wait(sock, True)
-    finally:
-        out.close()
 
 
 def _unsent(parts: list[Any], sent: int) -> Iterable[memoryview]:

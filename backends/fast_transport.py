@@ -59,8 +59,9 @@ __all__ = [
     "TransportError", "Unreachable", "remove_files", "same_node", "supported", "this_node",
 ]
 
-# Buffers larger than this go through a memfd, smaller ones inline in the
-# frame (benchmarks/bench_fastpath.py measures both around it).
+# Buffers larger than this go through a shared-memory segment, smaller ones
+# inline in the frame (benchmarks/bench_fastpath.py measures both at 1 MB:
+# with a reused segment, 1 MB costs half of inline; at 256 KiB they tie).
 THRESHOLD = 256 * 1024
 MAX_CONNECTIONS = 8  # per client, and per event loop: the replica runs one call at a time anyway
 CONNECT_TIMEOUT_S = 10.0
@@ -221,14 +222,17 @@ class FastServer:
                 conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
-        scratch = bytearray(fr.SCRATCH)
+        link = fr.Link(conn)
         wait = fr.blocking(None)
         try:
-            conn.setblocking(False)
-            fr.run(fr.send(conn, fr.Outgoing([_HELLO]), wait))
+            fr.run(link.send(fr.Outgoing([_HELLO]), wait))
             while True:
-                frame = fr.run(fr.recv(conn, scratch, wait))
-                fr.run(fr.send(conn, self._answer(frame), wait))
+                frame = fr.run(link.recv(wait))
+                kind, pickled = self._answer(frame)
+                # The arguments are gone with the frame: their segments are
+                # released now, and the notices ride on this very reply.
+                del frame
+                fr.run(link.send(self._frame(link, kind, pickled), wait))
         except ProtocolError as e:
             print(f"pipeline_ir fast path: dropped a connection: {e}", file=sys.stderr)
         except OSError:
@@ -236,25 +240,25 @@ class FastServer:
         finally:
             with self._lock:
                 self._conns.discard(conn)
-            conn.close()
+            link.close()
 
-    def _answer(self, frame: fr.Incoming) -> fr.Outgoing:
+    def _answer(self, frame: fr.Incoming) -> tuple[int, fr.Pickled]:
         try:
             if frame.kind != fr.CALL:
                 raise ProtocolError(f"expected a call, got a frame of kind {frame.kind}")
             call: tuple[tuple[Any, ...], dict[str, Any]] = frame.value()  # type: ignore[assignment]
             args, kwargs = call
         except Exception as e:
-            return self._reply(fr.ERR, RemoteFailure(f"the call's arguments could not be unpickled in the replica: {fr.describe(e)}"), ())
+            return self._pickled(fr.ERR, RemoteFailure(f"the call's arguments could not be unpickled in the replica: {fr.describe(e)}"), ())
         try:
             result, kind = self.handler(*args, **kwargs), fr.OK
         except Exception as e:
             result, kind = e, fr.ERR
-        return self._reply(kind, result, args)
+        return self._pickled(kind, result, args)
 
-    def _reply(self, kind: int, value: object, args: tuple[Any, ...]) -> fr.Outgoing:
+    def _pickled(self, kind: int, value: object, args: tuple[Any, ...]) -> tuple[int, fr.Pickled]:
         try:
-            return fr.encode(kind, value, self.threshold)
+            return kind, fr.dumps(value)
         except Exception as e:
             if kind == fr.OK:
                 substitute = self.on_unsendable(args, e)
@@ -262,9 +266,15 @@ class FastServer:
                 assert isinstance(value, BaseException)
                 substitute = RemoteFailure(f"{fr.describe(value)} (the exception could not be pickled back: {fr.describe(e)})")
         try:
-            return fr.encode(fr.ERR, substitute, self.threshold)
+            return fr.ERR, fr.dumps(substitute)
         except Exception as e:
-            return fr.encode(fr.ERR, RemoteFailure(f"{fr.describe(substitute)} (could not be pickled either: {fr.describe(e)})"), self.threshold)
+            return fr.ERR, fr.dumps(RemoteFailure(f"{fr.describe(substitute)} (could not be pickled either: {fr.describe(e)})"))
+
+    def _frame(self, link: fr.Link, kind: int, pickled: fr.Pickled) -> fr.Outgoing:
+        try:
+            return link.frame(kind, pickled, self.threshold)
+        except OSError as e:  # no memory for a segment, say: the call failed, not the connection
+            return link.frame(fr.ERR, fr.dumps(RemoteFailure(f"the result could not be sent: {fr.describe(e)}")), self.threshold)
 
     def close(self) -> None:
         """Stop accepting, end every connection (their callers see PeerGone)
@@ -286,12 +296,6 @@ class FastServer:
 # -- caller side --------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class _Conn:
-    sock: socket.socket
-    scratch: bytearray = field(default_factory=lambda: bytearray(fr.SCRATCH))
-
-
 class FastClient:
     """Calls a FastServer from this process, from threads (`call`) and from
     asyncio (`call_async`, any number of event loops), over at most
@@ -310,7 +314,7 @@ class FastClient:
         self.gone: PeerGone | None = None
         self.closed = False
         self._free = threading.Condition()  # guards what follows; threads wait on it
-        self._idle: list[_Conn] = []
+        self._idle: list[fr.Link] = []
         self._open = 0  # idle or in use
         self._waiting: collections.deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = collections.deque()
 
@@ -320,22 +324,18 @@ class FastClient:
         """`handler(*args, **kwargs)` in the replica; its result, or its
         exception raised here. CallTimeout after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        out = fr.encode(fr.CALL, (args, kwargs or {}), self.threshold)
+        pickled = fr.dumps((args, kwargs or {}))
+        link = self._take(deadline, timeout)
+        wait = fr.blocking(deadline)
         try:
-            conn = self._take(deadline, timeout)
-            wait = fr.blocking(deadline)
-            try:
-                fr.run(fr.send(conn.sock, out, wait))
-                frame = fr.run(fr.recv(conn.sock, conn.scratch, wait))
-            except BaseException as e:
-                self._discard(conn)  # where the exchange stopped is unknown
-                raise self._failure(e, timeout) from None
-        finally:
-            out.close()
-        self._give(conn)
-        return _result(frame)
+            fr.run(link.send(link.frame(fr.CALL, pickled, self.threshold), wait))
+            frame = fr.run(link.recv(wait))
+        except BaseException as e:
+            self._discard(link)  # where the exchange stopped is unknown
+            raise self._failure(e, timeout) from None
+        return self._settle(link, frame)
 
-    def _take(self, deadline: float | None, timeout: float | None) -> _Conn:
+    def _take(self, deadline: float | None, timeout: float | None) -> fr.Link:
         with self._free:
             while True:
                 self._check()
@@ -354,43 +354,56 @@ class FastClient:
         except BaseException:
             self._discard(None)
             raise
-        return _Conn(sock)
+        return fr.Link(sock)
+
+    def _settle(self, link: fr.Link, frame: fr.Incoming) -> object:
+        """The call's outcome from its answer; the link goes back to the
+        pool once the answer is unpickled (its receive buffer is reused)."""
+        kind = frame.kind
+        try:
+            value = frame.value()
+        except Exception as e:
+            raise RemoteFailure(f"the replica's answer could not be unpickled here: {fr.describe(e)}") from e
+        finally:
+            self._give(link)
+        if kind == fr.OK:
+            return value
+        if kind == fr.ERR and isinstance(value, BaseException):
+            raise value
+        raise ProtocolError(f"expected an answer, got a frame of kind {kind}")
 
     # -- asyncio
 
     async def call_async(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *, timeout: float | None = None) -> object:
         """`call` for asyncio: waits on the running loop's reader callbacks,
         no thread."""
-        out = fr.encode(fr.CALL, (args, kwargs or {}), self.threshold)
+        pickled = fr.dumps((args, kwargs or {}))
         try:
             async with asyncio.timeout(timeout):
-                frame = await self._exchange_async(out, timeout)
+                link, frame = await self._exchange_async(pickled, timeout)
         except TimeoutError as e:
             raise self._failure(e, timeout) from None
-        finally:
-            out.close()
-        return _result(frame)
+        return self._settle(link, frame)
 
-    async def _exchange_async(self, out: fr.Outgoing, timeout: float | None) -> fr.Incoming:
-        conn = await self._take_async()
+    async def _exchange_async(self, pickled: fr.Pickled, timeout: float | None) -> tuple[fr.Link, fr.Incoming]:
+        link = await self._take_async()
         try:
-            if conn is None:
-                conn = _Conn(self._dial())
+            if link is None:
+                sock = self._dial()
                 try:
-                    await asyncio.wait_for(self._greet(conn.sock, fr.on_loop, None, timeout), self.connect_timeout)
+                    await asyncio.wait_for(self._greet(sock, fr.on_loop, None, timeout), self.connect_timeout)
                 except TimeoutError:
                     raise Unreachable(f"the replica's fast-path server did not greet within {self.connect_timeout} s") from None
-            await fr.send(conn.sock, out, fr.on_loop)
-            frame = await fr.recv(conn.sock, conn.scratch, fr.on_loop)
+                link = fr.Link(sock)
+            await link.send(link.frame(fr.CALL, pickled, self.threshold), fr.on_loop)
+            return link, await link.recv(fr.on_loop)
         except BaseException as e:
-            self._discard(conn)
+            self._discard(link)
             if isinstance(e, asyncio.CancelledError):
                 raise  # asyncio.timeout() turns it into its TimeoutError
             raise self._failure(e, timeout) from None
-        self._give(conn)
-        return frame
 
-    async def _take_async(self) -> _Conn | None:
+    async def _take_async(self) -> fr.Link | None:
         """An idle connection, or None with the right to open one."""
         loop = asyncio.get_running_loop()
         while True:
@@ -415,19 +428,19 @@ class FastClient:
 
     # -- the pool, for both
 
-    def _give(self, conn: _Conn) -> None:
+    def _give(self, link: fr.Link) -> None:
         with self._free:
             if self.closed or self.gone is not None:
-                conn.sock.close()
+                link.close()
                 self._open -= 1
             else:
-                self._idle.append(conn)
+                self._idle.append(link)
             self._wake_one()
 
-    def _discard(self, conn: _Conn | None) -> None:
+    def _discard(self, link: fr.Link | None) -> None:
         """Close a connection in use (None: one being opened)."""
-        if conn is not None:
-            conn.sock.close()
+        if link is not None:
+            link.close()
         with self._free:
             self._open -= 1
             self._wake_one()
@@ -538,8 +551,8 @@ class FastClient:
             idle, self._idle = self._idle, []
             self._open -= len(idle)
             self._wake_all()
-        for conn in idle:
-            conn.sock.close()
+        for link in idle:
+            link.close()
 
     def close(self, remove_server_files: bool = False) -> None:
         """Close the idle connections (those in use close when their call
@@ -550,8 +563,8 @@ class FastClient:
             idle, self._idle = self._idle, []
             self._open -= len(idle)
             self._wake_all()
-        for conn in idle:
-            conn.sock.close()
+        for link in idle:
+            link.close()
         if remove_server_files:
             remove_files(self.address.path)
 
@@ -564,15 +577,3 @@ def _resolve(ready: asyncio.Future[None]) -> None:
 def _sooner(deadline: float | None, seconds: float) -> float:
     limit = time.monotonic() + seconds
     return limit if deadline is None else min(deadline, limit)
-
-
-def _result(frame: fr.Incoming) -> object:
-    try:
-        value = frame.value()
-    except Exception as e:
-        raise RemoteFailure(f"the replica's answer could not be unpickled here: {fr.describe(e)}") from e
-    if frame.kind == fr.OK:
-        return value
-    if frame.kind == fr.ERR and isinstance(value, BaseException):
-        raise value
-    raise ProtocolError(f"expected an answer, got a frame of kind {frame.kind}")

@@ -184,6 +184,46 @@ def test_many_buffers_and_a_large_nested_payload(host: tuple[Any, Address, int],
     assert all(np.array_equal(a, b) for a, b in zip(got["big"], payload["big"]))
 
 
+def test_a_live_result_is_never_overwritten_and_a_released_segment_is_reused(host: tuple[Any, Address, int], client: FastClient) -> None:
+    node = host[2]
+    first = client.call((node, np.full(BIG, 1.0)))
+    second = client.call((node, np.full(BIG, 2.0)))  # `first` is alive: its segment is busy
+    assert (first == 1.0).all() and (second == 2.0).all()
+    address = first.ctypes.data
+    del first, second
+    client.call((node, 0))  # carries the release notices to the replica
+    third = client.call((node, np.full(BIG, 3.0)))
+    assert (third == 3.0).all()
+    assert third.ctypes.data == address  # the same segment, filled again, over the mapping kept here
+
+
+def test_segments_are_reused_released_and_dropped_over_the_cache_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline_ir.backends import fast_segments
+
+    outbox, inbox = fast_segments.Outbox(), fast_segments.Inbox()
+    data = np.arange(300_000, dtype=np.uint8)
+    first, fd = outbox.place(memoryview(data))
+    assert fd is not None
+    inbox.learn(first, fd)
+    os.close(fd)
+    view = inbox.buffer(first, data.nbytes)
+    assert np.array_equal(view, data) and view.flags.writeable is False
+    again, fd = outbox.place(memoryview(data))  # `first` is busy: a new segment
+    assert again != first and fd is not None
+    os.close(fd)
+    assert inbox.notices() == []
+    del view
+    assert inbox.notices() == [first]  # the last array over it is gone
+    outbox.released(first)
+    assert outbox.place(memoryview(data[:1000])) == (first, None)  # reused, no fd: the peer maps it already
+    monkeypatch.setattr(fast_segments, "CACHE_BYTES", 0)
+    outbox.released(first)
+    assert outbox.notices() == [first | fast_segments.DROP]  # over the cache limit: closed, the peer told
+    inbox.forget(first)
+    outbox.close()
+    inbox.close()
+
+
 def test_async_calls_from_asyncio(host: tuple[Any, Address, int], client: FastClient) -> None:
     node = host[2]
 
