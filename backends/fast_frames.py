@@ -11,13 +11,14 @@ frame (one sendmsg, no copy in user space), a larger one is copied once
 into a shared-memory segment that the receiver maps read-only
 (fast_segments.py): zero-copy on arrival.
 
-A `Link` is one end of a connection with that state. Sockets are
-non-blocking; an operation that would block awaits a *waiter*. Threads use
-`blocking(deadline)`, which polls and never suspends, so the same
-coroutine runs to completion synchronously (`run`); asyncio uses
-`on_loop`, the running loop's reader and writer callbacks. One
-implementation of the protocol serves both. This module knows nothing of
-servers, clients, pids or replicas.
+A `Link` is one end of a connection with that state. Its send and recv
+are coroutines parameterised by how to wait. A thread passes
+`Blocking(deadline)`: the socket blocks in the kernel (one recvmsg, no
+poll), bounded by SO_RCVTIMEO/SO_SNDTIMEO, so the coroutine never suspends
+and `run` completes it synchronously. asyncio passes `ON_LOOP`: each call
+is MSG_DONTWAIT and waits on the running loop's reader (writer) callback.
+One implementation of the protocol serves both. This module knows nothing
+of servers, clients, pids or replicas.
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ from __future__ import annotations
 import array
 import asyncio
 import io
-import math
 import mmap
 import os
 import pickle
-import select
 import socket
 import struct
 import sys
@@ -38,7 +37,7 @@ import time
 from collections import ChainMap
 from collections.abc import Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pipeline_ir.backends.fast_segments import DROP, Inbox, Outbox
 
@@ -52,6 +51,10 @@ _HEADER = struct.Struct("<BBHHHQ")  # kind, version, buffers, fds, notices, body
 _ENTRY = struct.Struct("<QII")  # buffer length, carrier, segment id
 _NOTICE = struct.Struct("<I")
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_TIMEVAL = struct.Struct("ll")  # struct timeval: seconds, microseconds
+# socket's flags are IntFlags, whose | and & run Python code: plain ints here.
+_NOSIGNAL, _DONTWAIT = int(socket.MSG_NOSIGNAL), int(socket.MSG_DONTWAIT)
+_CLOEXEC, _CTRUNC = int(socket.MSG_CMSG_CLOEXEC), int(socket.MSG_CTRUNC)
 _VERSION = 1
 _INLINE, _SEGMENT, _NEW_SEGMENT = 0, 1, 2  # carriers; a new segment's fd comes with the frame
 
@@ -76,8 +79,10 @@ def _reduce_tensor(t: Any) -> tuple[object, ...]:
 
 
 class _Encoder(threading.local):
-    """One cloudpickle Pickler per thread, reused: building one costs ~3 us,
-    as much as the rest of a small call's pickling."""
+    """One cloudpickle Pickler per thread, reused: building one costs more
+    than a small call's pickling. (The C pickler would save a fraction of
+    a microsecond, not worth telling apart what cloudpickle ships by
+    value.)"""
 
     def __init__(self) -> None:
         self.pickler: Any = None
@@ -98,24 +103,23 @@ class _Encoder(threading.local):
 
     def dumps(self, obj: object) -> tuple[bytes, list[pickle.PickleBuffer]]:
         if self.busy:  # pickling re-entered from a __reduce__: a fresh pickler
-            fresh = _Encoder()
-            return fresh.dumps(obj)
+            return _Encoder().dumps(obj)
         if self.pickler is None or (not self.torch and "torch" in sys.modules):
             self._build()
+        pickler, file, buffers = self.pickler, self.file, self.buffers
         self.busy = True
         try:
-            self.pickler.dump(obj)
-            return self.file.getvalue(), list(self.buffers)
+            pickler.dump(obj)
+            return file.getvalue(), buffers[:]
         except BaseException:
-            self.pickler = None  # its state is unknown after a failed dump
+            self.pickler = None  # cloudpickle keeps Python-side state: not trusted after a failure
             raise
         finally:
             self.busy = False
-            if self.pickler is not None:
-                self.pickler.clear_memo()  # the memo holds the objects just pickled
-            self.file.seek(0)
-            self.file.truncate()
-            self.buffers.clear()
+            pickler.clear_memo()  # the memo holds the objects just pickled
+            file.seek(0)
+            file.truncate()
+            buffers.clear()
 
 
 _encoder = _Encoder()
@@ -140,6 +144,7 @@ class Outgoing:
     new segments it carries."""
 
     parts: list[Any]
+    size: int  # bytes in all parts
     fds: list[int] = field(default_factory=list)
 
     def close(self) -> None:
@@ -165,16 +170,21 @@ class Link:
     per link)."""
 
     def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
+        sock.setblocking(True)  # ON_LOOP asks for non-blocking calls one by one
         self.sock = sock
+        self.armed = False  # a timeout is set on the socket (Blocking.arm)
         self.scratch = bytearray(SCRATCH)
+        self._scratch = memoryview(self.scratch)
         self.outbox = Outbox()
         self.inbox = Inbox()
 
     def frame(self, kind: int, pickled: Pickled, threshold: int) -> Outgoing:
         """The frame for `pickled`: buffers over `threshold` bytes go into
         segments, the rest inline; the notices due ride along."""
-        out = Outgoing([b"", pickled.body])
+        body = pickled.body
+        if not pickled.buffers and not self.inbox.due() and not self.outbox.due():
+            return Outgoing([_HEADER.pack(kind, _VERSION, 0, 0, 0, len(body)), body], _HEADER.size + len(body))
+        out = Outgoing([b"", body], 0)
         entries = []
         placed: list[tuple[int, int | None]] = []
         try:
@@ -197,52 +207,64 @@ class Link:
             self.outbox.unplace(placed)
             raise
         notices = self.inbox.notices() + self.outbox.notices()
-        head = _HEADER.pack(kind, _VERSION, len(entries), len(out.fds), len(notices), len(pickled.body))
+        head = _HEADER.pack(kind, _VERSION, len(entries), len(out.fds), len(notices), len(body))
         out.parts[0] = head + b"".join(entries) + b"".join(_NOTICE.pack(n) for n in notices)
+        out.size = sum(memoryview(part).nbytes for part in out.parts)
         if len(out.parts) > _MAX_PARTS:
-            out.parts = [out.parts[0], pickled.body, b"".join(out.parts[2:])]
+            out.parts = [out.parts[0], body, b"".join(out.parts[2:])]
         return out
 
-    async def send(self, out: Outgoing, wait: Waiter) -> None:
+    async def send(self, out: Outgoing, io: IO) -> None:
         """Send a frame; its fds are closed here, sent or not."""
         sock = self.sock
         try:
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", out.fds))] if out.fds else []
             while True:
+                io.arm(self, True)
                 try:
-                    sent = sock.sendmsg(out.parts, ancillary, socket.MSG_NOSIGNAL)
+                    sent = sock.sendmsg(out.parts, ancillary, io.flags | _NOSIGNAL)
                     break
                 except BlockingIOError:
-                    await wait(sock, True)
+                    await io.wait(sock, True)
             out.close()  # the receiver holds its own copies once sent
-            for rest in _unsent(out.parts, sent):
+            for rest in _unsent(out.parts, sent) if sent < out.size else ():
                 while rest:
+                    io.arm(self, True)
                     try:
-                        rest = rest[sock.send(rest, socket.MSG_NOSIGNAL) :]
+                        rest = rest[sock.send(rest, io.flags | _NOSIGNAL) :]
                     except BlockingIOError:
-                        await wait(sock, True)
+                        await io.wait(sock, True)
         finally:
             out.close()
 
-    async def recv(self, wait: Waiter) -> Incoming:
+    async def recv(self, io: IO) -> Incoming:
         """One frame. Its fds come with its first byte, hence recvmsg for
-        the first read."""
+        the first read; a small frame without buffers is whole after it."""
         fds: list[int] = []
-        reader = self._read_frame(fds)
         sock = self.sock
         try:
-            view, first = next(reader), True
             while True:
+                io.arm(self, False)
                 try:
-                    if first:
-                        n, ancdata, flags, _ = sock.recvmsg_into([view], _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
-                        _take_fds(ancdata, flags, fds)
-                    else:
-                        n = sock.recv_into(view)
+                    n, ancdata, flags, _ = sock.recvmsg_into([self._scratch], _ANCILLARY, io.flags | _CLOEXEC)
+                    break
                 except BlockingIOError:
-                    await wait(sock, False)
+                    await io.wait(sock, False)
+            _take_fds(ancdata, flags, fds)
+            if n >= _HEADER.size:
+                kind, version, nbuf, nfd, nnotice, body_len = _HEADER.unpack_from(self.scratch)
+                if n == _HEADER.size + body_len and version == _VERSION and not (nbuf or nfd or nnotice):
+                    return Incoming(kind, self._scratch[_HEADER.size : n], [])
+            reader = self._read_frame(fds)
+            next(reader)  # it reads into the scratch buffer first: where n bytes already are
+            view = reader.send(n)
+            while True:
+                io.arm(self, False)
+                try:
+                    n = sock.recv_into(view, 0, io.flags)
+                except BlockingIOError:
+                    await io.wait(sock, False)
                     continue
-                first = False
                 view = reader.send(n)
         except StopIteration as stop:
             frame: Incoming = stop.value
@@ -316,41 +338,73 @@ class Link:
 
 _ANCILLARY = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
 
-Waiter = Callable[[socket.socket, bool], Coroutine[Any, Any, None]]
+class IO(Protocol):
+    """How a Link's send and recv wait for the socket."""
+
+    flags: int  # added to every send and recv
+
+    def arm(self, link: Link, write: bool) -> None:
+        """Called before each send (write) or recv."""
+
+    async def wait(self, sock: socket.socket, write: bool) -> None:
+        """Called when a call would block (EAGAIN)."""
 
 
-def blocking(deadline: float | None) -> Waiter:
-    """The waiter of a thread: polls until `deadline` (None: forever),
-    then raises socket.timeout."""
+class Blocking:
+    """A thread's waits: blocking calls, bounded by `deadline` (None:
+    none) through the socket's SO_SNDTIMEO / SO_RCVTIMEO."""
 
-    async def wait(sock: socket.socket, write: bool) -> None:
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
+    flags = 0
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+
+    def arm(self, link: Link, write: bool) -> None:
+        option = socket.SO_SNDTIMEO if write else socket.SO_RCVTIMEO
+        if self.deadline is None:
+            if link.armed:  # a deadline of an earlier call: clear both
+                link.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(0, 0))
+                link.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(0, 0))
+                link.armed = False
+            return
+        left = self.deadline - time.monotonic()
+        if left <= 0:
             raise socket.timeout("timed out")
-        poller = select.poll()
-        poller.register(sock, select.POLLOUT if write else select.POLLIN)
-        if not poller.poll(None if left is None else max(1, math.ceil(left * 1000))):
-            raise socket.timeout("timed out")
+        seconds = int(left)
+        link.sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(seconds, max(1, int((left - seconds) * 1e6))))
+        link.armed = True
 
-    return wait
+    async def wait(self, sock: socket.socket, write: bool) -> None:
+        raise socket.timeout("timed out")  # EAGAIN from a blocking call: its timeout ran out
 
 
-async def on_loop(sock: socket.socket, write: bool) -> None:
-    """The waiter of a coroutine: the running loop's reader (writer) callback."""
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    fd = sock.fileno()
-    if write:
-        loop.add_writer(fd, _wake, ready)
-    else:
-        loop.add_reader(fd, _wake, ready)
-    try:
-        await ready
-    finally:
+class _OnLoop:
+    """A coroutine's waits: non-blocking calls, and the running loop's
+    reader (writer) callback when one would block."""
+
+    flags = _DONTWAIT
+
+    def arm(self, link: Link, write: bool) -> None:
+        pass
+
+    async def wait(self, sock: socket.socket, write: bool) -> None:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        fd = sock.fileno()
         if write:
-            loop.remove_writer(fd)
+            loop.add_writer(fd, _wake, ready)
         else:
-            loop.remove_reader(fd)
+            loop.add_reader(fd, _wake, ready)
+        try:
+            await ready
+        finally:
+            if write:
+                loop.remove_writer(fd)
+            else:
+                loop.remove_reader(fd)
+
+
+ON_LOOP = _OnLoop()
 
 
 def _wake(ready: asyncio.Future[None]) -> None:
@@ -359,14 +413,14 @@ def _wake(ready: asyncio.Future[None]) -> None:
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """The result of a coroutine whose waiters never suspend (`blocking`)."""
+    """The result of a coroutine that never suspends (its IO is `Blocking`)."""
     try:
         coro.send(None)
     except StopIteration as stop:
         result: T = stop.value
         return result
     coro.close()
-    raise RuntimeError("a blocking waiter suspended")  # cannot happen: blocking never yields
+    raise RuntimeError("a Blocking wait suspended")  # cannot happen: it never awaits a future
 
 
 def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, fds: list[int]) -> None:
@@ -375,7 +429,7 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, fds: list[int])
             received = array.array("i")
             received.frombytes(data[: len(data) - len(data) % received.itemsize])
             fds.extend(received)
-    if flags & socket.MSG_CTRUNC:
+    if flags & _CTRUNC:
         raise ProtocolError("frame: more fds than announced (truncated)")
 
 

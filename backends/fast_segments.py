@@ -99,6 +99,10 @@ class Outbox:
             cached -= oldest.size
             self._drops.append(oldest.id | DROP)
 
+    def due(self) -> bool:
+        """Whether notices wait to be sent."""
+        return bool(self._drops)
+
     def notices(self) -> list[int]:
         """Drop notices for the peer, each sent once."""
         drops, self._drops = self._drops, []
@@ -142,6 +146,10 @@ class Inbox:
         """The peer closed its segment: drop the mapping (arrays still over
         it, if any, keep it mapped)."""
         self._mappings.pop(segment_id, None)
+
+    def due(self) -> bool:
+        """Whether notices wait to be sent."""
+        return bool(self._released)
 
     def notices(self) -> list[int]:
         """Release notices for the peer, each sent once."""

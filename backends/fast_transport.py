@@ -223,16 +223,16 @@ class FastServer:
 
     def _serve(self, conn: socket.socket) -> None:
         link = fr.Link(conn)
-        wait = fr.blocking(None)
+        io = fr.Blocking(None)
         try:
-            fr.run(link.send(fr.Outgoing([_HELLO]), wait))
+            fr.run(link.send(fr.Outgoing([_HELLO], len(_HELLO)), io))
             while True:
-                frame = fr.run(link.recv(wait))
+                frame = fr.run(link.recv(io))
                 kind, pickled = self._answer(frame)
                 # The arguments are gone with the frame: their segments are
                 # released now, and the notices ride on this very reply.
                 del frame
-                fr.run(link.send(self._frame(link, kind, pickled), wait))
+                fr.run(link.send(self._frame(link, kind, pickled), io))
         except ProtocolError as e:
             print(f"pipeline_ir fast path: dropped a connection: {e}", file=sys.stderr)
         except OSError:
@@ -326,10 +326,10 @@ class FastClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         pickled = fr.dumps((args, kwargs or {}))
         link = self._take(deadline, timeout)
-        wait = fr.blocking(deadline)
+        io = fr.Blocking(deadline)
         try:
-            fr.run(link.send(link.frame(fr.CALL, pickled, self.threshold), wait))
-            frame = fr.run(link.recv(wait))
+            fr.run(link.send(link.frame(fr.CALL, pickled, self.threshold), io))
+            frame = fr.run(link.recv(io))
         except BaseException as e:
             self._discard(link)  # where the exchange stopped is unknown
             raise self._failure(e, timeout) from None
@@ -349,12 +349,16 @@ class FastClient:
                     raise CallTimeout(f"all {self.max_connections} connections to the replica (pid {self.address.pid}) stayed busy for {timeout} s")
                 self._free.wait(left)
         try:
-            sock = self._dial()
-            fr.run(self._greet(sock, fr.blocking(_sooner(deadline, self.connect_timeout)), deadline, timeout))
+            link = fr.Link(self._dial())
         except BaseException:
             self._discard(None)
             raise
-        return fr.Link(sock)
+        try:
+            fr.run(self._greet(link, fr.Blocking(_sooner(deadline, self.connect_timeout)), deadline, timeout))
+        except BaseException:
+            self._discard(link)
+            raise
+        return link
 
     def _settle(self, link: fr.Link, frame: fr.Incoming) -> object:
         """The call's outcome from its answer; the link goes back to the
@@ -389,14 +393,13 @@ class FastClient:
         link = await self._take_async()
         try:
             if link is None:
-                sock = self._dial()
+                link = fr.Link(self._dial())
                 try:
-                    await asyncio.wait_for(self._greet(sock, fr.on_loop, None, timeout), self.connect_timeout)
+                    await asyncio.wait_for(self._greet(link, fr.ON_LOOP, None, timeout), self.connect_timeout)
                 except TimeoutError:
                     raise Unreachable(f"the replica's fast-path server did not greet within {self.connect_timeout} s") from None
-                link = fr.Link(sock)
-            await link.send(link.frame(fr.CALL, pickled, self.threshold), fr.on_loop)
-            return link, await link.recv(fr.on_loop)
+            await link.send(link.frame(fr.CALL, pickled, self.threshold), fr.ON_LOOP)
+            return link, await link.recv(fr.ON_LOOP)
         except BaseException as e:
             self._discard(link)
             if isinstance(e, asyncio.CancelledError):
@@ -485,7 +488,6 @@ class FastClient:
         try:
             sock.settimeout(self.connect_timeout)
             sock.connect(path)
-            sock.setblocking(False)
             pid, uid = fr.peer(sock)
         except OSError as e:
             sock.close()
@@ -495,30 +497,27 @@ class FastClient:
             raise Unreachable(f"{path} is served by pid {pid} (uid {uid}), not by the replica's process {self.address.pid}")
         return sock
 
-    async def _greet(self, sock: socket.socket, wait: fr.Waiter, deadline: float | None, timeout: float | None) -> None:
-        """Read the server's first words: welcome or refusal."""
+    async def _greet(self, link: fr.Link, io: fr.IO, deadline: float | None, timeout: float | None) -> None:
+        """Read the server's first words: welcome or refusal. On failure
+        the caller discards the link."""
         got = bytearray()
         try:
             while len(got) < len(_HELLO):
+                io.arm(link, False)
                 try:
-                    chunk = sock.recv(len(_HELLO) - len(got))
+                    chunk = link.sock.recv(len(_HELLO) - len(got), io.flags)
                 except BlockingIOError:
-                    await wait(sock, False)
+                    await io.wait(link.sock, False)
                     continue
                 if not chunk:
                     break
                 got += chunk
         except (socket.timeout, TimeoutError):
-            sock.close()
             if deadline is not None and time.monotonic() >= deadline:
                 raise CallTimeout(f"the replica (pid {self.address.pid}) did not answer within {timeout} s") from None
             raise Unreachable(f"the replica's fast-path server did not greet within {self.connect_timeout} s") from None
-        except BaseException:
-            sock.close()
-            raise
         if bytes(got) == _HELLO:
             return
-        sock.close()
         if bytes(got) == _REFUSED:
             raise Unreachable(f"the replica's fast-path server refused this process (pid {os.getpid()}): it serves only the pipeline's caller processes")
         raise Unreachable(f"the replica's fast-path server closed the connection before greeting it (got {bytes(got)!r})")
