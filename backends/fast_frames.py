@@ -11,14 +11,15 @@ frame (one sendmsg, no copy in user space), a larger one is copied once
 into a shared-memory segment that the receiver maps read-only
 (fast_segments.py): zero-copy on arrival.
 
-A `Link` is one end of a connection with that state. Its send and recv
-are coroutines parameterised by how to wait. A thread passes
-`Blocking(deadline)`: the socket blocks in the kernel (one recvmsg, no
-poll), bounded by SO_RCVTIMEO/SO_SNDTIMEO, so the coroutine never suspends
-and `run` completes it synchronously. asyncio passes `ON_LOOP`: each call
-is MSG_DONTWAIT and waits on the running loop's reader (writer) callback.
-One implementation of the protocol serves both. This module knows nothing
-of servers, clients, pids or replicas.
+A `Link` is one end of a connection with that state. A thread sends and
+receives with `Blocking(deadline)`: the socket blocks in the kernel (one
+recvmsg, no poll), bounded by SO_RCVTIMEO/SO_SNDTIMEO. asyncio uses
+`ON_LOOP`: each call is MSG_DONTWAIT and waits on the running loop's
+reader (writer) callback. Both take the same steps; the uncommon rest of
+a frame (partial writes, large frames) is one coroutine, which a thread
+runs to completion synchronously (`run`: with `Blocking` it never
+suspends). This module knows nothing of servers, clients, pids or
+replicas.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ class Outgoing:
     fds: list[int] = field(default_factory=list)
 
     def close(self) -> None:
-        _close_all(self.fds)
+        if self.fds:
+            _close_all(self.fds)
 
 
 @dataclass
@@ -214,63 +216,122 @@ class Link:
             out.parts = [out.parts[0], body, b"".join(out.parts[2:])]
         return out
 
-    async def send(self, out: Outgoing, io: IO) -> None:
-        """Send a frame; its fds are closed here, sent or not."""
-        sock = self.sock
+    # Sending and receiving: a thread calls the *_blocking methods, which
+    # do the common case (a frame in one sendmsg, a small frame in one
+    # recvmsg) without a coroutine; asyncio awaits send and recv. Both go
+    # through the same steps, and the rare rest through one coroutine.
+
+    def send_blocking(self, out: Outgoing, io: Blocking) -> None:
+        """Send a frame from a thread; its fds are closed, sent or not."""
         try:
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", out.fds))] if out.fds else []
+            try:
+                sent = self._send_first(out, io)
+            except BlockingIOError:  # a blocking call's timeout ran out
+                raise socket.timeout("timed out") from None
+            if sent < out.size:
+                run(self._send_rest(out, sent, io))
+        finally:
+            if out.fds:
+                out.close()
+
+    async def send(self, out: Outgoing, io: IO) -> None:
+        """`send_blocking` for asyncio."""
+        try:
             while True:
+                try:
+                    sent = self._send_first(out, io)
+                    break
+                except BlockingIOError:
+                    await io.wait(self.sock, True)
+            if sent < out.size:
+                await self._send_rest(out, sent, io)
+        finally:
+            if out.fds:
+                out.close()
+
+    def _send_first(self, out: Outgoing, io: IO) -> int:
+        """The frame's first sendmsg, which carries its fds: bytes sent."""
+        io.arm(self, True)
+        if not out.fds:
+            return self.sock.sendmsg(out.parts, (), io.flags | _NOSIGNAL)
+        sent = self.sock.sendmsg(out.parts, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", out.fds))], io.flags | _NOSIGNAL)
+        out.close()  # the receiver holds its own copies once sent
+        return sent
+
+    async def _send_rest(self, out: Outgoing, sent: int, io: IO) -> None:
+        for rest in _unsent(out.parts, sent):
+            while rest:
                 io.arm(self, True)
                 try:
-                    sent = sock.sendmsg(out.parts, ancillary, io.flags | _NOSIGNAL)
-                    break
+                    rest = rest[self.sock.send(rest, io.flags | _NOSIGNAL) :]
                 except BlockingIOError:
-                    await io.wait(sock, True)
-            out.close()  # the receiver holds its own copies once sent
-            for rest in _unsent(out.parts, sent) if sent < out.size else ():
-                while rest:
-                    io.arm(self, True)
-                    try:
-                        rest = rest[sock.send(rest, io.flags | _NOSIGNAL) :]
-                    except BlockingIOError:
-                        await io.wait(sock, True)
+                    await io.wait(self.sock, True)
+
+    def recv_blocking(self, io: Blocking) -> Incoming:
+        """One frame, from a thread."""
+        fds: list[int] = []
+        try:
+            try:
+                n = self._recv_first(fds, io)
+            except BlockingIOError:  # a blocking call's timeout ran out
+                raise socket.timeout("timed out") from None
+            frame = self._whole(n)
+            return frame if frame is not None else run(self._recv_rest(fds, n, io))
         finally:
-            out.close()
+            if fds:
+                _close_all(fds)  # those not mapped: an error on the way
 
     async def recv(self, io: IO) -> Incoming:
-        """One frame. Its fds come with its first byte, hence recvmsg for
-        the first read; a small frame without buffers is whole after it."""
+        """`recv_blocking` for asyncio."""
         fds: list[int] = []
-        sock = self.sock
         try:
             while True:
-                io.arm(self, False)
                 try:
-                    n, ancdata, flags, _ = sock.recvmsg_into([self._scratch], _ANCILLARY, io.flags | _CLOEXEC)
+                    n = self._recv_first(fds, io)
                     break
                 except BlockingIOError:
-                    await io.wait(sock, False)
+                    await io.wait(self.sock, False)
+            frame = self._whole(n)
+            return frame if frame is not None else await self._recv_rest(fds, n, io)
+        finally:
+            if fds:
+                _close_all(fds)
+
+    def _recv_first(self, fds: list[int], io: IO) -> int:
+        """The frame's first read, into the scratch buffer: its fds come
+        with its first byte, hence recvmsg."""
+        io.arm(self, False)
+        n, ancdata, flags, _ = self.sock.recvmsg_into([self._scratch], _ANCILLARY, io.flags | _CLOEXEC)
+        if ancdata or flags & _CTRUNC:
             _take_fds(ancdata, flags, fds)
-            if n >= _HEADER.size:
-                kind, version, nbuf, nfd, nnotice, body_len = _HEADER.unpack_from(self.scratch)
-                if n == _HEADER.size + body_len and version == _VERSION and not (nbuf or nfd or nnotice):
-                    return Incoming(kind, self._scratch[_HEADER.size : n], [])
-            reader = self._read_frame(fds)
-            next(reader)  # it reads into the scratch buffer first: where n bytes already are
+        return n
+
+    def _whole(self, n: int) -> Incoming | None:
+        """The frame, if the first read holds all of it and it has no buffers
+        or notices (a small call, the common case)."""
+        if n < _HEADER.size:
+            return None
+        kind, version, nbuf, nfd, nnotice, body_len = _HEADER.unpack_from(self.scratch)
+        if n != _HEADER.size + body_len or version != _VERSION or nbuf or nfd or nnotice:
+            return None
+        return Incoming(kind, self._scratch[_HEADER.size : n], [])
+
+    async def _recv_rest(self, fds: list[int], n: int, io: IO) -> Incoming:
+        reader = self._read_frame(fds)
+        next(reader)  # it reads into the scratch buffer first: where n bytes already are
+        try:
             view = reader.send(n)
             while True:
                 io.arm(self, False)
                 try:
-                    n = sock.recv_into(view, 0, io.flags)
+                    n = self.sock.recv_into(view, 0, io.flags)
                 except BlockingIOError:
-                    await io.wait(sock, False)
+                    await io.wait(self.sock, False)
                     continue
                 view = reader.send(n)
         except StopIteration as stop:
             frame: Incoming = stop.value
             return frame
-        finally:
-            _close_all(fds)
 
     def _read_frame(self, fds: list[int]) -> Generator[memoryview, int, Incoming]:
         """Receives one frame: yields where to read next and is sent how

@@ -225,14 +225,14 @@ class FastServer:
         link = fr.Link(conn)
         io = fr.Blocking(None)
         try:
-            fr.run(link.send(fr.Outgoing([_HELLO], len(_HELLO)), io))
+            link.send_blocking(fr.Outgoing([_HELLO], len(_HELLO)), io)
             while True:
-                frame = fr.run(link.recv(io))
+                frame = link.recv_blocking(io)
                 kind, pickled = self._answer(frame)
                 # The arguments are gone with the frame: their segments are
                 # released now, and the notices ride on this very reply.
                 del frame
-                fr.run(link.send(self._frame(link, kind, pickled), io))
+                link.send_blocking(self._frame(link, kind, pickled), io)
         except ProtocolError as e:
             print(f"pipeline_ir fast path: dropped a connection: {e}", file=sys.stderr)
         except OSError:
@@ -313,9 +313,11 @@ class FastClient:
         self.connect_timeout = connect_timeout
         self.gone: PeerGone | None = None
         self.closed = False
-        self._free = threading.Condition()  # guards what follows; threads wait on it
+        self._lock = threading.Lock()  # guards what follows
+        self._free = threading.Condition(self._lock)  # threads wait on it for a connection
         self._idle: list[fr.Link] = []
         self._open = 0  # idle or in use
+        self._sleepers = 0  # threads waiting on `_free`
         self._waiting: collections.deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = collections.deque()
 
     # -- threads
@@ -326,17 +328,17 @@ class FastClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         pickled = fr.dumps((args, kwargs or {}))
         link = self._take(deadline, timeout)
-        io = fr.Blocking(deadline)
+        io = _FOREVER if deadline is None else fr.Blocking(deadline)
         try:
-            fr.run(link.send(link.frame(fr.CALL, pickled, self.threshold), io))
-            frame = fr.run(link.recv(io))
+            link.send_blocking(link.frame(fr.CALL, pickled, self.threshold), io)
+            frame = link.recv_blocking(io)
         except BaseException as e:
             self._discard(link)  # where the exchange stopped is unknown
             raise self._failure(e, timeout) from None
         return self._settle(link, frame)
 
     def _take(self, deadline: float | None, timeout: float | None) -> fr.Link:
-        with self._free:
+        with self._lock:
             while True:
                 self._check()
                 if self._idle:
@@ -347,7 +349,11 @@ class FastClient:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise CallTimeout(f"all {self.max_connections} connections to the replica (pid {self.address.pid}) stayed busy for {timeout} s")
-                self._free.wait(left)
+                self._sleepers += 1
+                try:
+                    self._free.wait(left)
+                finally:
+                    self._sleepers -= 1
         try:
             link = fr.Link(self._dial())
         except BaseException:
@@ -410,7 +416,7 @@ class FastClient:
         """An idle connection, or None with the right to open one."""
         loop = asyncio.get_running_loop()
         while True:
-            with self._free:
+            with self._lock:
                 self._check()
                 if self._idle:
                     return self._idle.pop()
@@ -422,7 +428,7 @@ class FastClient:
             try:
                 await ready
             except BaseException:
-                with self._free:
+                with self._lock:
                     if (loop, ready) in self._waiting:
                         self._waiting.remove((loop, ready))
                     elif not ready.cancelled():
@@ -432,7 +438,7 @@ class FastClient:
     # -- the pool, for both
 
     def _give(self, link: fr.Link) -> None:
-        with self._free:
+        with self._lock:
             if self.closed or self.gone is not None:
                 link.close()
                 self._open -= 1
@@ -444,14 +450,15 @@ class FastClient:
         """Close a connection in use (None: one being opened)."""
         if link is not None:
             link.close()
-        with self._free:
+        with self._lock:
             self._open -= 1
             self._wake_one()
 
     def _wake_one(self) -> None:
         """Wake a thread and a coroutine waiting for a connection (whoever
-        loses the race waits again). Called holding `_free`."""
-        self._free.notify()
+        loses the race waits again). Called holding `_lock`."""
+        if self._sleepers:
+            self._free.notify()
         while self._waiting:
             loop, ready = self._waiting.popleft()
             with contextlib.suppress(RuntimeError):  # its loop is closed: try the next
@@ -462,11 +469,11 @@ class FastClient:
         if not ready.done():
             ready.set_result(None)
             return
-        with self._free:  # that waiter was cancelled meanwhile: the next one
+        with self._lock:  # that waiter was cancelled meanwhile: the next one
             self._wake_one()
 
     def _wake_all(self) -> None:
-        """Called holding `_free`, after `closed` or `gone` was set."""
+        """Called holding `_lock`, after `closed` or `gone` was set."""
         self._free.notify_all()
         waiting, self._waiting = list(self._waiting), collections.deque()
         for loop, ready in waiting:
@@ -544,7 +551,7 @@ class FastClient:
         return e
 
     def _mark_gone(self, gone: PeerGone) -> None:
-        with self._free:
+        with self._lock:
             if self.gone is None:
                 self.gone = gone
             idle, self._idle = self._idle, []
@@ -557,7 +564,7 @@ class FastClient:
         """Close the idle connections (those in use close when their call
         ends); with `remove_server_files`, also remove the server's socket
         (for a replica killed before it could). Idempotent."""
-        with self._free:
+        with self._lock:
             self.closed = True
             idle, self._idle = self._idle, []
             self._open -= len(idle)
@@ -566,6 +573,9 @@ class FastClient:
             link.close()
         if remove_server_files:
             remove_files(self.address.path)
+
+
+_FOREVER = fr.Blocking(None)
 
 
 def _resolve(ready: asyncio.Future[None]) -> None:

@@ -6,8 +6,10 @@ Side by side in one run:
 - latency, p50 and p99 of sequential calls with a tiny payload (an int):
   (a) a plain Ray actor call, (b) a Ray Compiled Graph over the same kind
   of actor (`experimental_compile()`), (c) the fast path, from a thread
-  and from asyncio; the ways take turns in blocks of calls, so that they
-  share whatever load the machine has;
+  and from asyncio. (a) and (c) take turns in blocks of calls, so that
+  they share whatever load the machine has; (b) comes after them, in turns
+  with (c) again: a compiled graph's actor spins on a core from the moment
+  it is compiled, which slows its neighbours on a small machine;
 - throughput with 500 calls in flight: plain Ray actor tasks (500
   submitted, then fetched) vs the fast path (500 `call_async` gathered);
 - idle CPU, in % of one core, of an idle actor: one hosting a FastServer
@@ -129,7 +131,7 @@ def latency_rows(blocks: dict[str, Callable[[int], list[float]]], calls: int, wa
     for block in blocks.values():
         block(warmup)
     samples: dict[str, list[float]] = {label: [] for label in blocks}
-    size = max(1, calls // 20)
+    size = max(1, calls // 4)  # long enough that what one way leaves behind (threads Ray wakes) fades
     for _ in range(calls // size):
         for label, block in blocks.items():
             samples[label] += block(size)
@@ -199,18 +201,26 @@ def latency_and_idle(ray: Any, calls: int, warmup: int, idle_s: float, compiled_
         "fast path, asyncio": on_loop(loop, lambda: fast.call_async(("run", 1))),
     }
     compiled = None
-    if compiled_graph:
-        from ray.dag import DAGContext, InputNode
-
-        DAGContext.get_current().teardown_timeout = 5
-        graph_actor = _actor(ray)
-        pids["compiled graph actor"] = ray.get(graph_actor.pid.remote())
-        with InputNode() as inp:
-            dag = graph_actor.run.bind(inp)
-        compiled = dag.experimental_compile()
-        blocks["ray compiled graph"] = sequential(lambda: ray.get(compiled.execute(1)))
     try:
         rows = latency_rows(blocks, calls, warmup)
+        if compiled_graph:
+            # Measured after the others, not between them: a compiled
+            # graph's actor spins on a core even between calls, which
+            # slows whatever shares the machine (the second row shows how
+            # much, for the fast path).
+            from ray.dag import DAGContext, InputNode
+
+            DAGContext.get_current().teardown_timeout = 5
+            graph_actor = _actor(ray)
+            pids["compiled graph actor"] = ray.get(graph_actor.pid.remote())
+            with InputNode() as inp:
+                dag = graph_actor.run.bind(inp)
+            compiled = dag.experimental_compile()
+            beside = {
+                "ray compiled graph": sequential(lambda: ray.get(compiled.execute(1))),
+                "fast path, thread, beside an idle compiled graph": blocks["fast path, thread"],
+            }
+            rows.update(latency_rows(beside, calls, warmup))
         loop.close()
         for label, value in idle_percent(pids, idle_s).items():
             rows[f"idle % of a core: {label}"] = value
