@@ -27,7 +27,6 @@ from __future__ import annotations
 import array
 import asyncio
 import io
-import mmap
 import os
 import pickle
 import socket
@@ -36,7 +35,7 @@ import sys
 import threading
 import time
 from collections import ChainMap
-from collections.abc import Callable, Coroutine, Generator, Iterable
+from collections.abc import Coroutine, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 

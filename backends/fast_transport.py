@@ -10,7 +10,7 @@ format and the socket I/O are in fast_frames.py.
 
 Replica side, `FastServer`: a thread blocked in `accept` on a socket in a
 fresh 0700 directory (the socket itself 0600), and one thread per accepted
-connection blocked in `poll`/`recv`; no spinning. Each call runs
+connection blocked in `recvmsg`; no spinning. Each call runs
 `handler(*args, **kwargs)` and sends back its result or its exception.
 
 Caller side, `FastClient`: a small pool of connections (one call in flight
@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline_ir.backends import fast_frames as fr
@@ -63,7 +63,7 @@ __all__ = [
 # inline in the frame (benchmarks/bench_fastpath.py measures both at 1 MB:
 # with a reused segment, 1 MB costs half of inline; at 256 KiB they tie).
 THRESHOLD = 256 * 1024
-MAX_CONNECTIONS = 8  # per client, and per event loop: the replica runs one call at a time anyway
+MAX_CONNECTIONS = 8  # per client: the replica runs one call at a time anyway
 CONNECT_TIMEOUT_S = 10.0
 _HELLO = b"PIRFAST1"  # the server's greeting once a peer is admitted...
 _REFUSED = b"PIRFNO!!"  # ...or its only words to a refused one
@@ -125,7 +125,6 @@ def remove_files(path: str) -> None:
         os.unlink(path)
     with contextlib.suppress(FileNotFoundError, OSError):
         os.rmdir(directory)
-
 
 
 def _socket_directory() -> str:
@@ -207,7 +206,11 @@ class FastServer:
                     continue
                 # The kernel's record of who connected, checked before a
                 # single byte is read from the peer.
-                pid, uid = fr.peer(conn)
+                try:
+                    pid, uid = fr.peer(conn)
+                except OSError:
+                    conn.close()
+                    continue
                 with self._lock:
                     admitted = uid == os.getuid() and pid in self._allowed and not self._closed
                     if admitted:

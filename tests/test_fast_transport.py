@@ -224,6 +224,25 @@ def test_segments_are_reused_released_and_dropped_over_the_cache_limit(monkeypat
     inbox.close()
 
 
+def test_segments_over_the_cache_limit_are_closed_on_both_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline_ir.backends import fast_segments
+
+    monkeypatch.setattr(fast_segments, "CACHE_BYTES", 0)  # every released segment is dropped
+    server = FastServer(lambda x: x, [os.getpid()])
+    client = FastClient(server.start())
+    try:
+        for i in range(10):
+            sent = np.full(300_000 + 1000 * i, float(i))  # a new size each time: no reuse
+            got = client.call((sent,))
+            assert np.array_equal(got, sent)
+            del got
+        mapped = sum("memfd:pipeline_ir" in line for line in open("/proc/self/maps"))
+        assert mapped <= 8  # both ends, this process: not one per call
+    finally:
+        client.close()
+        server.close()
+
+
 def test_async_calls_from_asyncio(host: tuple[Any, Address, int], client: FastClient) -> None:
     node = host[2]
 
