@@ -163,7 +163,9 @@ def _ray() -> Any:
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # RAY_ADDRESS if set, else a Ray of its own: never another user's
+        # `ray start` cluster that happens to run on this machine.
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
     return ray
 
 

@@ -174,7 +174,8 @@ def _sync(device: str) -> None:
 def transfer(ray: Any, s: Settings) -> dict[str, Any]:
     sender = ray.remote(num_gpus=s.gpus)(Sender).remote(s.device)
     receiver = ray.remote(num_gpus=s.gpus)(Receiver).remote(s.device)
-    rows, skipped = [], {}
+    rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
     ways: dict[str, tuple[str, Callable[[int], Any]]] = {
         "tiny payload, same two actor calls (floor)": ("tiny", lambda i: receiver.take_tiny.remote(sender.tiny.remote(i, s.megabytes), i)),
         "plain Ray (through host memory)": ("plain", lambda i: receiver.take.remote(sender.plain.remote(i, s.megabytes), i)),
@@ -185,16 +186,23 @@ def transfer(ray: Any, s: Settings) -> dict[str, Any]:
         ray.get([sender.tiny.remote(0, 0), receiver.take_tiny.remote(0, 0)], timeout=CALL_TIMEOUT_S)
         times: dict[str, list[float]] = {label: [] for label in ways}
         devices: dict[str, str] = {}
+        for label, (kind, _) in ways.items():
+            if kind == "ipc" and s.device != "cuda":
+                skipped[label] = "needs CUDA"
         for n in range(s.transfers + 1):  # interleaved; the first round is a warm-up
             for k, (label, (kind, send)) in enumerate(ways.items()):
-                if kind == "ipc" and s.device != "cuda":
-                    skipped[label] = "needs CUDA"
+                if label in skipped:
                     continue
                 i = 1 + n * len(ways) + k
                 start = time.perf_counter()
-                devices[label] = ray.get(send(i), timeout=CALL_TIMEOUT_S)
+                try:
+                    devices[label] = ray.get(send(i), timeout=CALL_TIMEOUT_S)
+                except Exception as e:  # this way fails: record it, keep the others
+                    skipped[label] = f"failed: {type(e).__name__}: {e}"[:2000]
+                    continue
+                finally:
+                    ray.get(sender.drop.remote(i), timeout=CALL_TIMEOUT_S)
                 times[label].append(time.perf_counter() - start)
-                ray.get(sender.drop.remote(i), timeout=CALL_TIMEOUT_S)
         for label, taken in times.items():
             if taken:
                 rows.append(row(f"{s.megabytes} MB actor -> actor: {label}", statistics.median(taken[1:]) * 1e3, "ms"))
@@ -322,7 +330,8 @@ def pipeline(ray: Any, s: Settings) -> dict[str, Any]:
     cls = ray.remote(num_gpus=s.gpus)(Classify).remote(s.device)
     both = ray.remote(num_gpus=s.gpus)(Both).remote(s.device)
     rng = np.random.default_rng(SEED)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
     try:
         ways = {
             "preprocess actor (CPU) -> classifier actor (GPU)": lambda images: cls.run.remote(pre.run.remote(images)),
@@ -333,17 +342,25 @@ def pipeline(ray: Any, s: Settings) -> dict[str, Any]:
             times: dict[str, list[float]] = {label: [] for label in ways}
             for n in range(s.calls + s.warmup):  # interleaved
                 for label, call in ways.items():
+                    if label in skipped:
+                        continue
                     start = time.perf_counter()
-                    ray.get(call(images), timeout=CALL_TIMEOUT_S)
+                    try:
+                        ray.get(call(images), timeout=CALL_TIMEOUT_S)
+                    except Exception as e:  # this way fails: record it, keep the other
+                        skipped[label] = f"failed: {type(e).__name__}: {e}"[:2000]
+                        continue
                     if n >= s.warmup:
                         times[label].append(time.perf_counter() - start)
             for label, taken in times.items():
+                if not taken:
+                    continue
                 taken.sort()
                 rows.append(row(f"batch {batch}: {label}: p50", taken[len(taken) // 2] * 1e3, "ms"))
                 rows.append(row(f"batch {batch}: {label}: p99", taken[min(len(taken) - 1, int(len(taken) * 0.99))] * 1e3, "ms"))
         serializer = ray.get(pre.serializer_used.remote(), timeout=CALL_TIMEOUT_S)
         notes = f"224x224 uint8 images; transform ToImage, ToDtype(float32, scale), Normalize; {s.calls} calls after {s.warmup} warm-up, interleaved; tensors between actors: {serializer}"
-        return {"rows": rows, "notes": notes}
+        return {"rows": rows, "skipped": skipped, "notes": notes}
     finally:
         for actor in (pre, cls, both):
             ray.kill(actor)
@@ -410,8 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import ray
 
-    # Smoke: logical CPUs enough for every actor of a part (a GPU run's machine has 16).
-    ray.init(include_dashboard=False, log_to_driver=False, **({"num_gpus": 0, "num_cpus": 4} if s.smoke else {}))
+    # A Ray of its own (never another user's `ray start` on this machine);
+    # smoke: logical CPUs enough for every actor of a part (a GPU machine has 16).
+    options = {"num_gpus": 0, "num_cpus": 4} if s.smoke else {}
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, **options)
     failed = False
     try:
         for name, part in PARTS.items():
