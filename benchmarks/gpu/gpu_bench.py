@@ -399,7 +399,73 @@ def machine(s: Settings) -> dict[str, Any]:
     return info
 
 
-PARTS: dict[str, Callable[[Any, Settings], dict[str, Any]]] = {"a_transfer": transfer, "b_resnet18": resnet, "c_pipeline": pipeline}
+# -- d. pipeline_ir's dynamic batching of a GPU model step --
+
+
+class _BatchedClassifier:
+    """resnet18 over a list of images (max_batch_size): one forward a batch."""
+
+    def __init__(self, device: str) -> None:
+        import torchvision
+
+        _seed()
+        self.device = device
+        self.model = torchvision.models.resnet18(weights=None).eval().to(device)
+
+    def __call__(self, images: list[Any]) -> list[int]:
+        import torch
+
+        with torch.no_grad():
+            x = torch.stack(images).to(self.device)
+            return [int(i) for i in self.model(x).argmax(1).tolist()]
+
+
+class _OneClassifier(_BatchedClassifier):
+    """The same model, one image a call."""
+
+    def __call__(self, image: Any) -> int:  # type: ignore[override]
+        return super().__call__([image])[0]
+
+
+def batching(ray: Any, s: Settings) -> dict[str, Any]:
+    import torch
+
+    import pipeline_ir as pl
+
+    images = [torch.randn(3, 224, 224) for _ in range(8)]
+    calls = 16 if s.smoke else 512
+    in_flight = 8 if s.smoke else 128
+    rows = []
+    rates: dict[str, float] = {}
+    variants = {
+        "unbatched": pl.step(_OneClassifier, execution_mode="actors", num_gpus=s.gpus or None),
+        "max_batch_size=16": pl.step(
+            _BatchedClassifier, execution_mode="actors", num_gpus=s.gpus or None, max_batch_size=16, batch_wait_timeout_s=0.005
+        ),
+    }
+    for label, step in variants.items():
+        with step(s.device)(pl.INPUT).deploy() as p:
+            list(p.map([images[i % 8] for i in range(2 * in_flight)], max_in_flight=in_flight))  # warm up
+            start = time.perf_counter()
+            list(p.map([images[i % 8] for i in range(calls)], max_in_flight=in_flight, timeout=CALL_TIMEOUT_S))
+            wall = time.perf_counter() - start
+            figures = p.stats()
+        rates[label] = calls / wall
+        rows.append(row(f"pipeline_ir ACTORS resnet18, {label}, {in_flight} calls in flight: images/s", rates[label], "images/s"))
+        batch = next(iter(figures.values())).get("mean_batch_size")
+        if batch is not None:
+            rows.append(row(f"pipeline_ir ACTORS resnet18, {label}: mean batch size", float(batch), "items"))
+    rows.append(row("dynamic batching throughput ratio (batched / unbatched)", rates["max_batch_size=16"] / rates["unbatched"], "x"))
+    notes = f"{calls} calls of one 3x224x224 CPU tensor each, {in_flight} in flight (Pipeline.map), one GPU replica; batch_wait_timeout_s=5 ms"
+    return {"rows": rows, "notes": notes}
+
+
+PARTS: dict[str, Callable[[Any, Settings], dict[str, Any]]] = {
+    "a_transfer": transfer,
+    "b_resnet18": resnet,
+    "c_pipeline": pipeline,
+    "d_batching": batching,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
