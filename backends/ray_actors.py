@@ -526,7 +526,7 @@ class ActorLauncher:
         self.monitor = HealthMonitor(lambda: list(self.pools.values()), self.policy)
         if stats is not None:
             for pool in self.pools.values():
-                if pool.unit.batched() is not None:
+                if graph.unit_placement(pool.unit.node).batching is not None:
                     stats.batch_sources.append(pool.batch_stats)
 
     def _start(self, bindings: Bindings) -> None:
