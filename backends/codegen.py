@@ -175,7 +175,7 @@ class _Emitter:
                 self.emit(indent, f"{self.var(node.id)} = {self.bind(('constant', node.id), f'c{node.id}', obj)}")
             case Call():
                 step = self.graph.step(node.step)
-                launcher = self.launchers[step.mode]
+                launcher = self.launchers[step.placement.mode]
                 # One global per step key: every call of a step shares it.
                 name = self.bind(("step", step.key), step.name, launcher.callee(node))
                 args = self.arguments(node, not launcher.remote, indent)
@@ -192,8 +192,8 @@ class _Emitter:
                     self.emit(indent, f"{record}(_clock() - {timer})")
             case Project(source=source, key=key):
                 self.emit(indent, f"{self.var(node.id)} = {self.local(source, indent)}[{key!r}]", node.id)
-            case Fused(mode=mode, inputs=inputs):
-                launcher = self.launchers[mode]
+            case Fused(placement=placement, inputs=inputs):
+                launcher = self.launchers[placement.mode]
                 if not launcher.remote:
                     for inner in node.body:
                         self.node(indent, inner)
@@ -291,7 +291,7 @@ def generate_body(graph: Graph, fused: Fused, launcher: Launcher, constants: Map
     """The function a remote fused group runs: its inputs in, output out.
 
     Only local calls happen inside a group, so `launcher` is a local one."""
-    emitter = _Emitter(graph, {fused.mode: launcher}, constants, is_async=False)
+    emitter = _Emitter(graph, {fused.placement.mode: launcher}, constants, is_async=False)
     return emitter.function(f"group{fused.id}", fused.inputs, tuple(fused.body), (fused.output,), False)
 
 

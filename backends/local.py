@@ -15,24 +15,22 @@ from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Fused, StepSpec
 
 
-def instantiate(step: StepSpec, binding: StepBinding, node_id: int) -> Callable[..., object]:
-    """The callable for `step`: the function, or a new instance of the class
-    built with its init args (a constructor failure names the step)."""
+def instantiate(graph: Graph, key: str, binding: StepBinding) -> Callable[..., object]:
+    """The callable for step `key`: the function, or a new instance of the
+    class built with its init args (a constructor failure names the step
+    and its first call)."""
+    step = graph.step(key)
     if step.kind == "function":
         return binding.target
     try:
         instance = binding.target(*binding.init_args, **binding.init_kwargs)
     except Exception as e:
+        node_id = graph.callers(key)[0].id
         raise StepError(
             step.name, node_id, e, message=f"step {step.name!r} (node %{node_id}) failed in its constructor: {type(e).__name__}: {e}"
         ) from e
     assert callable(instance)
     return instance
-
-
-def first_call(graph: Graph, key: str) -> int:
-    """The id of the first node that calls step `key` (for error messages)."""
-    return graph.index().calls[key][0]
 
 
 class LocalLauncher:
@@ -42,7 +40,7 @@ class LocalLauncher:
 
     def __init__(self, graph: Graph, steps: Mapping[str, StepBinding], keys: Iterable[str]) -> None:
         self.objects: dict[str, Callable[..., object]] = {
-            key: instantiate(graph.step(key), steps[key], first_call(graph, key)) for key in keys
+            key: instantiate(graph, key, steps[key]) for key in keys
         }
 
     def callee(self, node: Call | Fused) -> object:

@@ -21,7 +21,7 @@ from pipeline_ir.backends.stats import clock as stats_clock
 from pipeline_ir.backends.stats import export as export_stats
 from pipeline_ir.bindings import Bindings
 from pipeline_ir.ir.graph import Graph
-from pipeline_ir.ir.nodes import Call, Fused, Mode
+from pipeline_ir.ir.nodes import Mode
 from pipeline_ir.options import DeployOptions
 
 
@@ -67,6 +67,7 @@ class Program:
         The deadline bounds the waits for remote work: LOCAL steps run in
         this thread and are never preempted, so a call of a LOCAL-only
         pipeline takes no call state at all."""
+        code: PythonCode | None
         if next(self._tick) % TIMED_EVERY:
             run, code = self.run, self.code
         else:
@@ -114,20 +115,9 @@ class Program:
             close()
 
 
-def modes(graph: Graph) -> set[Mode]:
-    """The execution modes a graph's top-level nodes run in."""
-    used: set[Mode] = set()
-    for n in graph.nodes:
-        if isinstance(n, Call):
-            used.add(graph.step(n.step).mode)
-        elif isinstance(n, Fused):
-            used.add(n.mode)
-    return used
-
-
 def needs_ray(graph: Graph) -> bool:
     """Whether deploying `graph` needs Ray (a TASKS or ACTORS node)."""
-    return bool(modes(graph) & {"tasks", "actors"})
+    return bool(graph.modes() & {"tasks", "actors"})
 
 
 def cluster_gpus() -> float:
@@ -140,17 +130,13 @@ def cluster_gpus() -> float:
 
 def local_keys(graph: Graph) -> list[str]:
     """Step keys called in this process: local calls and local fused bodies."""
-    keys: dict[str, None] = {}
-    for n in graph.all_nodes():
-        if isinstance(n, Call) and graph.step(n.step).mode == "local":
-            keys[n.step] = None
-    return list(keys)
+    return [s.key for s in graph.steps if not s.placement.remote]
 
 
 def lower(graph: Graph, bindings: Bindings, options: DeployOptions | None = None) -> Program:
     """Build everything `graph` needs and return its Program."""
     options = options if options is not None else DeployOptions()
-    used = modes(graph)
+    used = graph.modes()
     closers: list[Callable[[], None]] = []
     launchers: dict[Mode, Launcher] = {"local": LocalLauncher(graph, bindings.steps, local_keys(graph))}
     stats = PipelineStats(graph)

@@ -11,14 +11,21 @@ Generated code submits through the pool, which routes each call to the
 replica with the fewest calls in flight (ties go round-robin, so a pool
 spreads even strictly sequential calls over all replicas):
 
-    v3 = a_Adder.submit(3, v2)       # an ObjectRef
+    v3 = r_Adder.submit(3, v2)       # an ObjectRef
 
-In-flight counts drop when Ray reports the result ready, through a
-callback on Ray's own thread, without fetching the value (`_on_ready`), so
-no thread is started per call. A replica that dies is reported as a
-StepError naming its step (ray_runtime.py) and replaced by a new actor for
-later calls; its calls in flight fail, none is retried (`max_task_retries=0`),
-since a step may have side effects. `close()` kills every actor and waits
+In-flight counts drop when the result is ready: `ref.future()` runs a
+done-callback on the thread Ray's core worker already uses for such
+callbacks (Ray registers it with the core worker, no thread per call).
+That future fetches the value into this process; for values passed on
+to another Ray process this is an extra copy, the price of public API
+(ObjectRef has no public "ready, don't fetch" callback).
+
+Each replica learns its Ray actor id itself and returns it from `ready()`
+(with its pid and node), which the pool records, also on Ray's callback
+thread, as soon as the replica is up. A replica that dies is reported as
+a StepError naming its step (ray_runtime.py) and replaced by a new actor
+for later calls; its calls in flight fail, none is retried
+(`max_task_retries=0`), since a step may have side effects. `close()` kills every actor and waits
 (briefly) until the processes on this machine are gone.
 
 Placement follows the IR: resources per replica and the `colocate` label.
@@ -26,6 +33,7 @@ Placement follows the IR: resources per replica and the `colocate` label.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 import threading
@@ -38,7 +46,7 @@ import ray
 
 from pipeline_ir.backends import calls, ray_runtime
 from pipeline_ir.backends.ray_channels import Channel
-from pipeline_ir.backends.ray_tasks import colocate_strategy, resource_options, submit_expr
+from pipeline_ir.backends.ray_runtime import colocate_strategy, resource_options, submit_expr
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.backends.worker import Unit, shippable
 from pipeline_ir.bindings import Bindings
@@ -66,11 +74,14 @@ class Replica:
             # actor constructor would reach the caller as a bare ActorDiedError.
             self.error = shippable(e)
 
-    def ready(self) -> tuple[int, str]:
-        """This replica's pid and Ray node id, once it is built."""
+    def ready(self) -> tuple[int, str, str]:
+        """This replica's pid, Ray node id and Ray actor id, once it is built."""
         if self.error is not None:
             raise self.error
-        return os.getpid(), ray.get_runtime_context().get_node_id()
+        context = ray.get_runtime_context()
+        actor_id = context.get_actor_id()
+        assert actor_id is not None  # this runs in an actor
+        return os.getpid(), context.get_node_id(), actor_id
 
     def call(self, node_id: int, *args: object, **kwargs: object) -> object:
         """Run the unit as node `node_id`."""
@@ -99,8 +110,8 @@ class _Slot:
 
     index: int
     handle: Any
-    actor_id: str
     ready_ref: Any
+    actor_id: str | None = None  # known once the replica is up (ready())
     pid: int | None = None
     node: str | None = None
     in_flight: int = 0
@@ -117,15 +128,15 @@ class Pool:
         self.uses_channel = channel
         self.channel: Channel | None = None
         self.options = dict(options)
-        self.node_ids = tuple(n.id for n in _nodes_served(unit))
+        graph, node = unit.graph, unit.node
+        # The units this pool serves: a group, or the step's top-level calls.
+        served = [node] if isinstance(node, Fused) else [c for c in graph.callers(node.step) if graph.unit_of(c.id) is c]
+        self.node_ids = tuple(n.id for n in served)
         self.slots: list[_Slot] = []
         self.closed = False
         self._next = 0  # where the round-robin tie-break starts
         self._lock = threading.Lock()
-        # Refs in flight, kept alive until Ray reports them ready: a dropped
-        # ref would never run its callback and its replica would look busy.
-        self._pending: dict[int, Any] = {}
-        self._tickets = 0
+        self._compiling = threading.Lock()  # one channel compiled at a time
 
     def start(self, count: int | None = None) -> None:
         """Start replicas until the pool has `count` (default: all)."""
@@ -134,13 +145,32 @@ class Pool:
 
     def _spawn(self, index: int) -> _Slot:
         handle = _RemoteReplica.options(**self.options).remote(self.unit)
-        actor_id = handle._actor_id.hex()
-        slot = _Slot(index, handle, actor_id, handle.ready.remote())
-        ray_runtime.register_replica(
-            actor_id,
-            ray_runtime.ReplicaInfo(self.unit.label, self.node_ids, index, None, functools.partial(self._mark_dead, actor_id)),
-        )
+        slot = _Slot(index, handle, handle.ready.remote())
+        # The future keeps the ref alive until Ray runs the callback.
+        slot.ready_ref.future().add_done_callback(functools.partial(self._on_up, slot))
         return slot
+
+    def _on_up(self, slot: _Slot, future: concurrent.futures.Future[tuple[int, str, str]]) -> None:
+        """The replica answered ready() (usually on Ray's callback thread:
+        keep it short, never call into Ray)."""
+        error = future.exception()
+        if error is None:
+            self._record(slot, *future.result())
+        elif isinstance(error, ray.exceptions.RayActorError):
+            # Died before it could say who it is: no registry entry will
+            # report it, so mark it for replacement here.
+            self._mark_dead(slot)
+        # A constructor's StepError: the replica lives and raises it on every call.
+
+    def _record(self, slot: _Slot, pid: int, node: str, actor_id: str) -> None:
+        """Note where a replica runs, and register it so that its death is
+        reported under its step wherever it surfaces."""
+        with self._lock:
+            if self.closed or slot.replaced or slot.actor_id is not None:
+                return
+            slot.pid, slot.node, slot.actor_id = pid, node, actor_id
+        info = ray_runtime.ReplicaInfo(self.unit.label, self.node_ids, slot.index, pid, functools.partial(self._mark_dead, slot))
+        ray_runtime.register_replica(actor_id, info)
 
     def wait_ready(self) -> None:
         """Block until every replica is built; record pids and nodes."""
@@ -150,18 +180,15 @@ class Pool:
         except ray.exceptions.RayError as e:
             error = ray_runtime.step_error(e, self.unit.graph, self.node_ids[0])
         else:
-            for slot, (pid, node) in zip(slots, placed):
-                slot.pid, slot.node = pid, node
-                info = ray_runtime.ReplicaInfo(self.unit.label, self.node_ids, slot.index, pid, functools.partial(self._mark_dead, slot.actor_id))
-                ray_runtime.register_replica(slot.actor_id, info)
+            # The callbacks may not have run yet: record here too (once).
+            for slot, (pid, node, actor_id) in zip(slots, placed):
+                self._record(slot, pid, node, actor_id)
             return
         raise error
 
-    def _mark_dead(self, actor_id: str) -> None:
+    def _mark_dead(self, slot: _Slot) -> None:
         with self._lock:
-            for slot in self.slots:
-                if slot.actor_id == actor_id:
-                    slot.dead = True
+            slot.dead = True
 
     def _replace_dead(self) -> None:
         """Start a new replica in place of each one known to be dead."""
@@ -171,7 +198,8 @@ class Pool:
                 slot.replaced = True
         # Outside the lock: creating an actor ships the unit through Ray.
         for slot in dead:
-            ray_runtime.forget_replica(slot.actor_id)
+            if slot.actor_id is not None:
+                ray_runtime.forget_replica(slot.actor_id)
             ray.kill(slot.handle)  # to be sure: an actor reported dead may be a hung one
             new = self._spawn(slot.index)
             with self._lock:
@@ -208,19 +236,16 @@ class Pool:
                 raise RuntimeError(f"the replicas of step {self.unit.label!r} were shut down")
             slot = self._pick()
             slot.in_flight += 1
-            self._tickets += 1
-            ticket = self._tickets
         # Submitted outside the lock: Ray's callback thread takes it in
         # _done(), and submitting may wait on Ray (storing a large argument).
         try:
             ref = slot.handle.call.remote(node_id, *args, **kwargs)
         except BaseException:
-            self._done(slot, ticket)  # e.g. an argument that cannot be pickled
+            self._done(slot)  # e.g. an argument that cannot be pickled
             raise
-        with self._lock:
-            self._pending[ticket] = ref
-        # May run the callback at once, in this thread: never under the lock.
-        ref._on_ready(lambda _exc: self._done(slot, ticket))
+        # The future keeps the ref alive until the callback has run, and
+        # may run it at once, in this thread: never under the lock.
+        ref.future().add_done_callback(lambda _future: self._done(slot))
         calls.track(ref, node_id, self.abandon)
         return ref
 
@@ -250,10 +275,22 @@ class Pool:
                 return self.channel
         self._replace_dead()
         self.wait_ready()
-        with self._lock:
-            if self.channel is None:
-                self.channel = Channel(self.slots[0].handle)
-            return self.channel
+        # Compiled outside self._lock, which Ray's callback thread takes
+        # (_done, _record): compiling waits on Ray, and Ray on that thread.
+        with self._compiling:
+            with self._lock:
+                if self.channel is not None:
+                    return self.channel
+                handle = self.slots[0].handle
+            channel = Channel(handle)
+            with self._lock:
+                closed = self.closed
+                if not closed:
+                    self.channel = channel
+            if closed:
+                channel.close()
+                raise RuntimeError(f"the replicas of step {self.unit.label!r} were shut down")
+            return channel
 
     def _drop_channel(self, channel: Channel) -> None:
         with self._lock:
@@ -263,26 +300,25 @@ class Pool:
                 slot.dead = True  # one replica: the one behind the channel
         channel.close()
 
-    def _done(self, slot: _Slot, ticket: int) -> None:
+    def _done(self, slot: _Slot) -> None:
         # Runs on Ray's callback thread: keep it short, never call into Ray.
         with self._lock:
             slot.in_flight -= 1
-            self._pending.pop(ticket, None)
 
     def close(self) -> list[int]:
         """Kill every replica; return the pids of those on this node."""
         with self._lock:
             self.closed = True
             slots, self.slots = self.slots, []
-            self._pending.clear()
             channel, self.channel = self.channel, None
         if channel is not None:
             channel.close()
         here = ray.get_runtime_context().get_node_id()
         pids = []
         for slot in slots:
-            ray_runtime.forget_replica(slot.actor_id)
             _learn_placement(slot)
+            if slot.actor_id is not None:
+                ray_runtime.forget_replica(slot.actor_id)
             ray.kill(slot.handle)
             if slot.pid is not None and slot.node == here:
                 pids.append(slot.pid)
@@ -297,17 +333,9 @@ def _learn_placement(slot: _Slot) -> None:
     ready, _ = ray.wait([slot.ready_ref], timeout=0)
     if ready:
         try:
-            slot.pid, slot.node = ray.get(ready[0])
+            slot.pid, slot.node, slot.actor_id = ray.get(ready[0])
         except ray.exceptions.RayError:
             pass  # it failed to start: no process to wait for
-
-
-def _nodes_served(unit: Unit) -> list[Call | Fused]:
-    """The graph's top-level nodes a unit runs for."""
-    if isinstance(unit.node, Fused):
-        return [unit.node]
-    key = unit.node.step
-    return [n for n in unit.graph.nodes if isinstance(n, Call) and n.step == key]
 
 
 def _wait_exit(pids: list[int]) -> None:
@@ -369,22 +397,18 @@ class ActorLauncher:
         channel) for each ACTORS step (one pool however many nodes call it)
         and group."""
         units: dict[str | int, tuple[str | int, Unit, int, dict[str, object], str | None, bool]] = {}
-        for node in self.graph.nodes:
-            if isinstance(node, Call) and node.step not in units:
-                spec = self.graph.step(node.step)
-                if spec.mode == "actors":
-                    options = resource_options(spec.num_cpus, spec.num_gpus)
-                    units[node.step] = (node.step, Unit.of(self.graph, node, bindings), spec.num_replicas, options, spec.colocate, spec.channel)
-            elif isinstance(node, Fused) and node.mode == "actors":
-                options = resource_options(node.num_cpus, node.num_gpus)
-                units[node.id] = (node.id, Unit.of(self.graph, node, bindings), node.num_replicas, options, node.colocate, node.channel)
+        for node in self.graph.units():
+            p = self.graph.unit_placement(node)
+            key: str | int = node.step if isinstance(node, Call) else node.id
+            if p.mode == "actors" and key not in units:
+                units[key] = (key, Unit.of(self.graph, node, bindings), p.num_replicas, resource_options(p), p.colocate, p.channel)
         return list(units.values())
 
     def callee(self, node: Call | Fused) -> Pool:
         return self.pools[node.step if isinstance(node, Call) else node.id]
 
     def expr(self, node: Call | Fused, callee: str, args: str, is_async: bool = False) -> str:
-        channel = node.channel if isinstance(node, Fused) else self.graph.step(node.step).channel
+        channel = self.graph.unit_placement(node).channel
         # A CompiledDAGRef cannot be awaited: async calls take actor tasks.
         return submit_expr(node, callee, args, "submit_channel" if channel and not is_async else "submit")
 

@@ -45,23 +45,25 @@ class Channel:
             pass  # the actor is already gone: nothing left to stop
 
 
-class _QuietTeardown(logging.Filter):
-    """Drops what Ray logs when a compiled graph is torn down: four INFO
-    lines per graph at every shutdown(), and, when its actor died, an error
-    with a traceback. The pipeline reports that death to the caller as a
-    StepError naming the step and replaces the replica, so both are noise
-    here; other records of Ray's compiled graphs pass."""
+# Ray's compiled graphs log four INFO lines per graph at every teardown
+# (each shutdown(), each replaced replica), and, when the graph's actor
+# died, an error with the RayActorError's traceback. The pipeline reports
+# that death to the caller as a StepError naming the step and replaces the
+# replica, so both are noise here. Quieted by logger and level (INFO, unless
+# the user set this logger's level) and by exception type; other records of
+# Ray's compiled graphs pass.
+_CG_LOGGER = logging.getLogger("ray.dag.compiled_dag_node")
 
-    _STEPS = ("Tearing down compiled DAG", "Cancelling compiled worker", "Waiting for worker tasks", "Teardown complete")
+
+class _DropActorDeaths(logging.Filter):
+    """Drops records that carry a RayActorError (see above)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         import ray.exceptions
 
-        message = record.getMessage()
-        if record.levelno <= logging.INFO and message.startswith(self._STEPS):
-            return False
-        died = record.exc_info is not None and isinstance(record.exc_info[1], ray.exceptions.RayActorError)
-        return not (died and "cancelling worker task" in message)
+        return not (record.exc_info is not None and isinstance(record.exc_info[1], ray.exceptions.RayActorError))
 
 
-logging.getLogger("ray.dag.compiled_dag_node").addFilter(_QuietTeardown())
+if _CG_LOGGER.level == logging.NOTSET:
+    _CG_LOGGER.setLevel(logging.WARNING)
+_CG_LOGGER.addFilter(_DropActorDeaths())

@@ -9,6 +9,8 @@
   into the StepError a user sees; no RayTaskError ever reaches the caller.
 - `ship_code(...)`: steps from modules Ray's workers cannot import travel
   by value, as `__main__` code does with plain `ray.remote`.
+- What both launchers (ray_tasks.py, ray_actors.py) spell the same way:
+  `submit_expr`, `resource_options`, `colocate_strategy`, `check_feasible`.
 - A registry of live replicas by actor id, so that an actor's death,
   wherever it surfaces (its own result, or the result of a node that read
   it), is reported under the right step and the replica is replaced.
@@ -30,11 +32,13 @@ from typing import Any
 import ray
 import ray.exceptions
 from ray.experimental.compiled_dag_ref import CompiledDAGRef
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline_ir.backends import calls
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.errors import PlacementError, StepError
 from pipeline_ir.ir.graph import Graph
+from pipeline_ir.ir.nodes import Call, Fused, Placement
 from pipeline_ir.ir.printer import node_label
 
 _init_lock = threading.Lock()
@@ -92,6 +96,34 @@ def _importable_by_workers(module: ModuleType) -> bool:
     for _ in range(depth):
         root = os.path.dirname(root)
     return root in driver or any(path.startswith(p + os.sep) for p in installed)
+
+
+def submit_expr(node: Call | Fused, callee: str, args: str, method: str = "submit") -> str:
+    """`callee.submit(node_id, args...)`: how both Ray launchers spell a call."""
+    return f"{callee}.{method}({node.id}{', ' + args if args else ''})"
+
+
+def resource_options(placement: Placement) -> dict[str, object]:
+    """Ray options for the resources a placement declares (None: Ray's default)."""
+    options: dict[str, object] = {}
+    if placement.num_cpus is not None:
+        options["num_cpus"] = placement.num_cpus
+    if placement.num_gpus is not None:
+        options["num_gpus"] = placement.num_gpus
+    return options
+
+
+def colocate_strategy(label: str | None, colocation: dict[str, str]) -> dict[str, object]:
+    """Ray options putting work with a colocate label on the label's node.
+
+    The first unit placed with a label fixes its node (actors are placed
+    first, at deploy; a label only tasks carry takes the caller's node).
+    Affinity is soft: when that node lacks the resources Ray places the work
+    elsewhere rather than never (docs/backends.md)."""
+    if label is None:
+        return {}
+    node = colocation.setdefault(label, ray.get_runtime_context().get_node_id())
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=True)}
 
 
 def check_feasible(label: str, options: dict[str, object], what: str) -> None:

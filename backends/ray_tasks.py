@@ -14,8 +14,10 @@ the caller (its constructor runs there, as in LOCAL mode). The built unit
 is put in the object store once and each call passes its ObjectRef, so a
 large model never rides inside the remote function (Ray caps those near
 100 MiB); each worker process fetches it on first use and keeps its own
-copy (the last few units), so state a call mutates is not shared between
-calls.
+copy (of the last few units it ran). State a call mutates therefore stays
+in that worker: a later call sees it if Ray runs it in the same worker,
+and not otherwise, so a TASKS class step must not rely on state kept
+between calls (an ACTORS step keeps it, per replica).
 
 This module places tasks only where the IR says (resources, `colocate`);
 it decides nothing itself.
@@ -29,43 +31,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline_ir.backends import calls
-from pipeline_ir.backends.ray_runtime import check_feasible, ship_code
+from pipeline_ir.backends.ray_runtime import check_feasible, colocate_strategy, resource_options, ship_code, submit_expr
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.backends.worker import Unit
 from pipeline_ir.bindings import Bindings
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Fused
-
-
-def submit_expr(node: Call | Fused, callee: str, args: str, method: str = "submit") -> str:
-    """`callee.submit(node_id, args...)`: how both Ray launchers spell a call."""
-    return f"{callee}.{method}({node.id}{', ' + args if args else ''})"
-
-
-def resource_options(num_cpus: float | None, num_gpus: float | None) -> dict[str, object]:
-    """Ray options for the resources the IR declares (None: Ray's default)."""
-    options: dict[str, object] = {}
-    if num_cpus is not None:
-        options["num_cpus"] = num_cpus
-    if num_gpus is not None:
-        options["num_gpus"] = num_gpus
-    return options
-
-
-def colocate_strategy(label: str | None, colocation: dict[str, str]) -> dict[str, object]:
-    """Ray options putting work with a colocate label on the label's node.
-
-    The first unit placed with a label fixes its node (actors are placed
-    first, at deploy; a label only tasks carry takes the caller's node).
-    Affinity is soft: when that node lacks the resources Ray places the work
-    elsewhere rather than never (docs/backends.md)."""
-    if label is None:
-        return {}
-    node = colocation.setdefault(label, ray.get_runtime_context().get_node_id())
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=True)}
 
 
 class Task:
@@ -139,9 +112,9 @@ class TaskLauncher:
         ship_code(b.target for b in bindings.steps.values())
         # Class steps are built now, so a constructor error fails deploy()
         # as it does in LOCAL mode, and each constructor runs once.
-        for node in graph.nodes:
-            if isinstance(node, Call) and graph.step(node.step).mode == "tasks" or isinstance(node, Fused) and node.mode == "tasks":
-                self.callee(node)
+        for unit in graph.units():
+            if graph.unit_placement(unit).mode == "tasks":
+                self.callee(unit)
 
     def callee(self, node: Call | Fused) -> Task:
         key: str | int = node.step if isinstance(node, Call) else node.id
@@ -149,14 +122,10 @@ class TaskLauncher:
         if task is None:
             unit = Unit.of(self.graph, node, self.bindings)
             unit.build()
-            if isinstance(node, Call):
-                spec = self.graph.step(node.step)
-                cpus, gpus, label = spec.num_cpus, spec.num_gpus, spec.colocate
-            else:
-                cpus, gpus, label = node.num_cpus, node.num_gpus, node.colocate
-            resources = resource_options(cpus, gpus)
+            placement = self.graph.unit_placement(node)
+            resources = resource_options(placement)
             check_feasible(unit.label, resources, "task")
-            options = {"max_retries": 0, **resources, **colocate_strategy(label, self.colocation)}
+            options = {"max_retries": 0, **resources, **colocate_strategy(placement.colocate, self.colocation)}
             task = self.tasks[key] = Task(_remote_function(unit, options), ray.put(unit))
         return task
 

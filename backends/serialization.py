@@ -45,11 +45,6 @@ if TYPE_CHECKING:
 _registered = False
 _lock = threading.Lock()
 
-# torch warns, once per process, that a tensor over read-only memory is
-# writable from torch. Receiving such tensors is this module's purpose and
-# is documented, so that one warning is silenced; torch never repeats it.
-
-
 # A received tensor views the read-only object-store buffer on purpose
 # (docs/backends.md), and torch warns about that once per process. Set at
 # import: a worker deserializes our payloads through this module before it

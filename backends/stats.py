@@ -106,7 +106,7 @@ class PipelineStats:
         self.inputs: dict[int, tuple[int, ...]] = {}
         for node in graph.all_nodes():
             # A LOCAL fused group runs inline: its steps are the units.
-            if isinstance(node, Call) or isinstance(node, Fused) and node.mode != "local":
+            if isinstance(node, Call) or isinstance(node, Fused) and node.placement.mode != "local":
                 key = unit_key(graph, node)
                 unit = self.units.get(key)
                 if unit is None:
@@ -236,13 +236,13 @@ def flush() -> None:
     from ray.util import metrics
 
     if not _metrics:
-        tags = ("pipeline", "step")
-        _metrics["calls"] = metrics.Counter("pipeline_ir_calls", "Calls of a pipeline step that returned", tags)
-        _metrics["errors"] = metrics.Counter("pipeline_ir_errors", "Calls that failed in a pipeline step", tags)
-        _metrics["in_flight"] = metrics.Gauge("pipeline_ir_in_flight", "Calls of a pipeline step in flight", tags)
-        _metrics["p50"] = metrics.Gauge("pipeline_ir_latency_p50_seconds", "Median latency of a pipeline step", tags)
-        _metrics["p99"] = metrics.Gauge("pipeline_ir_latency_p99_seconds", "99th percentile latency of a pipeline step", tags)
-        _metrics["batch"] = metrics.Gauge("pipeline_ir_mean_batch_size", "Mean batch size of a batched pipeline step", tags)
+        keys = ("pipeline", "step")
+        _metrics["calls"] = metrics.Counter("pipeline_ir_calls", "Calls of a pipeline step that returned", keys)
+        _metrics["errors"] = metrics.Counter("pipeline_ir_errors", "Calls that failed in a pipeline step", keys)
+        _metrics["in_flight"] = metrics.Gauge("pipeline_ir_in_flight", "Calls of a pipeline step in flight", keys)
+        _metrics["p50"] = metrics.Gauge("pipeline_ir_latency_p50_seconds", "Median latency of a pipeline step", keys)
+        _metrics["p99"] = metrics.Gauge("pipeline_ir_latency_p99_seconds", "99th percentile latency of a pipeline step", keys)
+        _metrics["batch"] = metrics.Gauge("pipeline_ir_mean_batch_size", "Mean batch size of a batched pipeline step", keys)
     for stats in list(_exported):
         name = stats.pipeline_name
         for key, figures in stats.snapshot().items():

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline_ir.backends.codegen import PythonCode, generate_body, translate_error
-from pipeline_ir.backends.local import LocalLauncher, first_call, instantiate
+from pipeline_ir.backends.local import LocalLauncher, instantiate
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.bindings import Bindings, StepBinding
 from pipeline_ir.errors import StepError
@@ -99,9 +99,7 @@ class Unit:
         A constructor failure raises StepError naming the step."""
         if not self.objects:
             keys = unit_keys(self.node)
-            self.objects = {
-                k: instantiate(self.graph.step(k), self.steps[k], first_call(self.graph, k)) for k in keys
-            }
+            self.objects = {k: instantiate(self.graph, k, self.steps[k]) for k in keys}
 
     def _compiled(self) -> Callable[..., object]:
         if self._fn is None:

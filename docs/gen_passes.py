@@ -201,6 +201,30 @@ def use_channels_example() -> str:
     return _run(node, [use_channels], "score", pre=[colocate_actors])
 
 
+@pipeline.step(execution_mode="actors", idempotent=True)
+class Preprocess:
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return image
+
+
+@pipeline.step(execution_mode="actors", max_batch_size=8, idempotent=True)
+class BatchedModel:
+    def __call__(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        return [torch.as_tensor(i) for i in images]
+
+
+@pipeline.step(execution_mode="actors", idempotent=True)
+class Postprocess:
+    def __call__(self, scores: torch.Tensor) -> list[int]:
+        return scores.tolist()
+
+
+def batching_example() -> str:
+    x = Preprocess()(load(pipeline.INPUT))
+    node = Postprocess()(BatchedModel()(Preprocess()(x)))
+    return _run(node, [colocate_actors, use_channels], "batched")
+
+
 def default_passes_example() -> str:
     x = decode(pipeline.INPUT)
     node = Logger()(TopK(5)(Classifier("resnet18")(resize(x))))
@@ -220,6 +244,7 @@ EXAMPLES: dict[str, Callable[[], str]] = {
         place_gpu_example,
         place_gpu_error_example,
         use_channels_example,
+        batching_example,
         default_passes_example,
     )
 }

@@ -21,6 +21,7 @@ from typing import Any, Generic, Protocol, TypeVar, overload
 
 from pipeline_ir.builder import CallNode, PipelineNode, StepObject, check_argument
 from pipeline_ir.errors import PipelineTypeError, PipelineValueError
+from pipeline_ir.ir.placement import DEFAULT_BATCH_WAIT_S
 
 T = TypeVar("T")
 R = TypeVar("R", covariant=True)
@@ -45,6 +46,9 @@ class StepOptions:
     num_gpus: float | None
     fuse: bool
     pure: bool
+    max_batch_size: int | None = None
+    batch_wait_timeout_s: float | None = None  # set whenever max_batch_size is
+    idempotent: bool = False
 
 
 def _parse_mode(name: str, execution_mode: object) -> ExecutionMode:
@@ -74,6 +78,40 @@ def _parse_amount(name: str, label: str, value: object) -> float | None:
     return float(value)
 
 
+def _parse_serving(
+    name: str, mode: ExecutionMode, max_batch_size: object, batch_wait_timeout_s: object, idempotent: object
+) -> tuple[int | None, float | None, bool]:
+    """Validate the serving options: (max_batch_size, batch wait, idempotent)."""
+    if max_batch_size is not None:
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
+            raise TypeError(f"step {name!r}: max_batch_size must be an int, not {type(max_batch_size).__name__}")
+        if max_batch_size < 1:
+            raise ValueError(f"step {name!r}: max_batch_size must be at least 1, got {max_batch_size}")
+        if mode is not ExecutionMode.ACTORS:
+            raise ValueError(
+                f"step {name!r}: max_batch_size={max_batch_size} needs execution_mode='actors' "
+                f"(got {mode.value!r}); a replica gathers the calls into batches"
+            )
+    wait: float | None = None
+    if batch_wait_timeout_s is not None:
+        if max_batch_size is None:
+            raise ValueError(
+                f"step {name!r}: batch_wait_timeout_s is how long a batch waits to fill; "
+                "it needs max_batch_size as well"
+            )
+        wait = _parse_amount(name, "batch_wait_timeout_s", batch_wait_timeout_s)
+    elif max_batch_size is not None:
+        wait = DEFAULT_BATCH_WAIT_S
+    if not isinstance(idempotent, bool):
+        raise TypeError(f"step {name!r}: idempotent must be True or False, not {idempotent!r}")
+    if idempotent and mode is ExecutionMode.LOCAL:
+        raise ValueError(
+            f"step {name!r}: idempotent=True applies to execution_mode='tasks' or 'actors' steps "
+            "(a call lost with a dead replica is retried); a local step runs in the caller"
+        )
+    return max_batch_size, wait, idempotent
+
+
 def make_options(
     target: object,
     *,
@@ -84,6 +122,9 @@ def make_options(
     name: object,
     fuse: object,
     pure: object,
+    max_batch_size: object = None,
+    batch_wait_timeout_s: object = None,
+    idempotent: object = False,
 ) -> StepOptions:
     """Validate the decorator's arguments for `target`."""
     if name is not None and (not isinstance(name, str) or not name):
@@ -107,6 +148,7 @@ def make_options(
             f"step {step_name!r}: pure=True is for function steps; a class step holds state, "
             "so two calls of it are never merged"
         )
+    batch, wait, retry = _parse_serving(step_name, mode, max_batch_size, batch_wait_timeout_s, idempotent)
     return StepOptions(
         name=step_name,
         mode=mode,
@@ -115,6 +157,9 @@ def make_options(
         num_gpus=_parse_amount(step_name, "num_gpus", num_gpus),
         fuse=bool(fuse),
         pure=bool(pure),
+        max_batch_size=batch,
+        batch_wait_timeout_s=wait,
+        idempotent=retry,
     )
 
 
@@ -288,6 +333,9 @@ def step(
     name: str | None = ...,
     fuse: bool = ...,
     pure: bool = ...,
+    max_batch_size: int | None = ...,
+    batch_wait_timeout_s: float | None = ...,
+    idempotent: bool = ...,
 ) -> _Decorator: ...
 
 
@@ -302,6 +350,9 @@ def step(
     name: str | None = None,
     fuse: bool = True,
     pure: bool = False,
+    max_batch_size: int | None = None,
+    batch_wait_timeout_s: float | None = None,
+    idempotent: bool = False,
 ) -> Any:
     """Make a function or class a pipeline step; bare `@step` works too.
 
@@ -314,6 +365,15 @@ def step(
     fuse: False keeps optimization passes from merging this step.
     pure: True declares that equal inputs give equal results, so two calls
         on the same inputs may run once (function steps only).
+    max_batch_size: dynamic batching (ACTORS only): a replica runs up to
+        this many calls at once; the function (or `__call__`) takes a list
+        of inputs and returns a list of results of equal length, while
+        callers still pass one input each.
+    batch_wait_timeout_s: how long a batch waits to fill after its first
+        call (default 0.01; only with max_batch_size).
+    idempotent: True declares that running a call twice is harmless, so a
+        call lost with a dead replica may be retried on another one
+        (TASKS and ACTORS only).
     """
 
     def decorate(target: Callable[..., Any]) -> FunctionStep[Any] | ClassStep[Any]:
@@ -330,6 +390,9 @@ def step(
             name=name,
             fuse=fuse,
             pure=pure,
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_timeout_s,
+            idempotent=idempotent,
         )
         if isinstance(target, type):
             return ClassStep(target, options)

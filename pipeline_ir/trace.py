@@ -16,12 +16,15 @@ import re
 import typing
 from collections.abc import Callable
 
+import msgspec
+
 from pipeline_ir.bindings import Bindings, StepBinding
 from pipeline_ir.builder import CallNode, InputNode, PipelineNode, ProjectNode, StepObject, SwitchNode, has_default
 from pipeline_ir.errors import PipelineTypeError, PipelineValueError
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import (
     AnyNode,
+    Batching,
     Call,
     Case,
     Constant,
@@ -30,13 +33,16 @@ from pipeline_ir.ir.nodes import (
     Input,
     Param,
     ParamKind,
+    Placement,
     Project,
     StepSpec,
     Switch,
     Value,
 )
 from pipeline_ir.ir.types import ANY, TypeRef, from_annotation, item_type, join
-from pipeline_ir.step import ConfiguredStep, FunctionStep
+from pipeline_ir.step import ClassStep, ConfiguredStep, FunctionStep, StepOptions
+
+StepHandle = FunctionStep[object] | ConfiguredStep
 
 
 _PARAM_KINDS: dict[inspect._ParameterKind, ParamKind] = {
@@ -159,15 +165,14 @@ class _Tracer:
             init_args = tuple(self.value(a, f"init:{key}:{i}") for i, a in enumerate(handle.init_args))
             init_kwargs = tuple((k, self.value(v, f"init:{key}:{k}")) for k, v in handle.init_kwargs.items())
             self.bindings[key] = StepBinding(target, handle.init_args, dict(handle.init_kwargs))
+        if options.max_batch_size is not None:
+            params, returns = _per_item(params, returns)
         spec = StepSpec(
             key=key,
             name=options.name,
             path=f"{target.__module__}:{target.__qualname__}",
             kind="function" if isinstance(handle, FunctionStep) else "class",
-            mode=options.mode.value,
-            num_replicas=options.num_replicas,
-            num_cpus=options.num_cpus,
-            num_gpus=options.num_gpus,
+            placement=_placement(options),
             fuse=options.fuse,
             pure=options.pure,
             init_args=init_args,
@@ -227,6 +232,38 @@ class _Tracer:
             self.nodes.append(Switch(id=node_id, type=result_type, key=key, cases=cases, default=default))
             return node_id
         raise PipelineTypeError(f"cannot trace {node!r}")
+
+
+def _per_item(params: tuple[Param, ...], returns: TypeRef) -> tuple[tuple[Param, ...], TypeRef]:
+    """A batched step's signature as its callers see it: its callable takes
+    a list of inputs (its first parameter) and returns a list of results,
+    but each call passes one input and gets one result."""
+
+    def element(t: TypeRef) -> TypeRef:
+        return item_type(t, 0) if t.name in _SEQUENCES else ANY
+
+    if params:
+        params = (msgspec.structs.replace(params[0], type=element(params[0].type)),) + params[1:]
+    return params, element(returns)
+
+
+_SEQUENCES = frozenset({"builtins.list", "collections.abc.Sequence", "typing.Sequence"})
+
+
+def _placement(options: StepOptions) -> Placement:
+    """A step's options as the IR's Placement."""
+    batching = None
+    if options.max_batch_size is not None:
+        assert options.batch_wait_timeout_s is not None  # step.py sets the default
+        batching = Batching(max_batch_size=options.max_batch_size, batch_wait_timeout_s=options.batch_wait_timeout_s)
+    return Placement(
+        mode=options.mode.value,
+        num_replicas=options.num_replicas,
+        num_cpus=options.num_cpus,
+        num_gpus=options.num_gpus,
+        batching=batching,
+        idempotent=options.idempotent,
+    )
 
 
 def _dependencies(node: PipelineNode) -> list[PipelineNode]:

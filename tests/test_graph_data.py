@@ -15,7 +15,7 @@ import pytest
 
 import pipeline_ir as pipeline
 from pipeline_ir.errors import GraphError
-from pipeline_ir.ir import Call, Constant, Fused, Graph, Inline, Input, StepSpec
+from pipeline_ir.ir import Call, Constant, Fused, Graph, Inline, Input, Placement, StepSpec
 from pipeline_ir.ir.graph_data import GraphIndex
 from pipeline_ir.ir.verify import verify
 
@@ -34,7 +34,7 @@ def _fused_graph() -> Graph:
         nodes=(
             Input(id=0),
             Call(id=1, step="a", args=(0,)),
-            Fused(id=4, mode="local", inputs=(1,), body=body, output=3),
+            Fused(id=4, placement=Placement(mode="local"), inputs=(1,), body=body, output=3),
             Call(id=5, step="a", args=(4,)),
         ),
         steps=(_spec("a"), _spec("b")),

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import pipeline_ir as pipeline
 from pipeline_ir.errors import GraphError
-from pipeline_ir.ir import Call, Case, Constant, External, Fused, Graph, Inline, Input, Param, Project, StepSpec, Switch
+from pipeline_ir.ir import Batching, Call, Case, Constant, External, Fused, Graph, Inline, Input, Param, Placement, Project, StepSpec, Switch
 from pipeline_ir.ir.types import ANY, TypeRef, can_match, from_annotation, render
 from pipeline_ir.ir.verify import verify
 
@@ -43,12 +43,18 @@ def graphs(draw: st.DrawFn) -> Graph:
                 name=draw(names),
                 path=f"mod:{draw(names)}",
                 kind=draw(st.sampled_from(["function", "class"])),
-                mode=mode,
-                num_replicas=draw(st.integers(1, 3)) if mode == "actors" else 1,
-                num_cpus=draw(st.none() | st.floats(0, 8)),
-                num_gpus=draw(st.none() | st.floats(0, 2)),
+                placement=Placement(
+                    mode=mode,
+                    num_replicas=draw(st.integers(1, 3)) if mode == "actors" else 1,
+                    num_cpus=draw(st.none() | st.floats(0, 8)),
+                    num_gpus=draw(st.none() | st.floats(0, 2)),
+                    colocate=draw(st.none() | names),
+                    batching=draw(st.none() | st.builds(Batching, max_batch_size=st.integers(1, 64), batch_wait_timeout_s=st.floats(0, 1)))
+                    if mode == "actors"
+                    else None,
+                    idempotent=draw(st.booleans()) if mode != "local" else False,
+                ),
                 fuse=draw(st.booleans()),
-                colocate=draw(st.none() | names),
                 init_args=tuple(draw(st.lists(values, max_size=2))),
                 init_kwargs=tuple((k, v) for k, v in draw(st.dictionaries(names, values, max_size=2)).items()),
                 params=(Param(name="x", kind="positional", type=draw(type_refs)),),
@@ -78,7 +84,10 @@ def graphs(draw: st.DrawFn) -> Graph:
             used.add(s.key)
             inner_id = 1000 + i
             body = (Constant(id=inner_id, value=Inline(value=1)), Call(id=inner_id + 500, step=s.key, args=(inner_id, earlier[-1])))
-            nodes.append(Fused(id=i, type=t, mode=s.mode, inputs=(earlier[-1],), body=body, output=inner_id + 500, num_replicas=s.num_replicas))
+            unbatched = msgspec.structs.replace(s.placement, batching=None)
+            index = next(j for j, spec in enumerate(steps) if spec.key == s.key)
+            s = steps[index] = msgspec.structs.replace(s, placement=unbatched)  # a batched step is never fused
+            nodes.append(Fused(id=i, type=t, placement=unbatched, inputs=(earlier[-1],), body=body, output=inner_id + 500))
     steps = [s for s in steps if s.key in used]
     if not steps:
         return Graph(name=draw(names), nodes=tuple(nodes), steps=(), outputs=(nodes[-1].id,))
@@ -133,7 +142,7 @@ def test_from_json_verifies_structure() -> None:
         (Graph(name="g", nodes=(Input(id=0),), steps=(StepSpec(key="a", name="a", path="m:a", kind="function"),), outputs=(0,)), "not called by any node"),
         (Graph(name="g", nodes=(Input(id=0), Switch(id=1, key=0, cases=())), steps=(), outputs=(1,)), "no case and no default"),
         (
-            Graph(name="g", nodes=(Input(id=0), Call(id=1, step="a")), steps=(StepSpec(key="a", name="a", path="m:a", kind="function", num_replicas=2),), outputs=(1,)),
+            Graph(name="g", nodes=(Input(id=0), Call(id=1, step="a")), steps=(StepSpec(key="a", name="a", path="m:a", kind="function", placement=Placement(num_replicas=2)),), outputs=(1,)),
             "num_replicas=2 needs execution_mode 'actors'",
         ),
     ],

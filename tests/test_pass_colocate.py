@@ -132,7 +132,7 @@ def test_labels_fused_groups_and_ignores_edges_inside_them() -> None:
 def test_untyped_value_is_typed_by_the_parameter_it_reaches() -> None:
     compiled = traced(wants(untyped(pipeline.INPUT)))
     result = apply(colocate, compiled.graph)
-    assert [s.colocate for s in result.graph.steps] == ["c1", "c1"]
+    assert [s.placement.colocate for s in result.graph.steps] == ["c1", "c1"]
     assert result.rewrites == (
         "%1 -> %2 (ndarray, untyped -> wants) stays a cross-process hop: no fusion pass merged them "
         "(fuse_tasks / colocate_actors did not run); colocate=c1 puts both ends on one node",
@@ -175,11 +175,11 @@ def test_unconnected_edges_get_different_labels_and_shared_steps_join_them() -> 
     result = apply(colocate, compiled.graph)
     # decode and wants are called twice each, but each is one StepSpec (one
     # unit), so both edges join one label.
-    assert {s.name: s.colocate for s in result.graph.steps} == {"decode": "c1", "wants": "c1"}
+    assert {s.name: s.placement.colocate for s in result.graph.steps} == {"decode": "c1", "wants": "c1"}
     m, h = Model(), Tail()
     compiled = traced((wants(decode(pipeline.INPUT)), h(m(pipeline.INPUT))))
     result = apply(colocate, compiled.graph)
-    assert {s.name: s.colocate for s in result.graph.steps} == {"decode": "c1", "wants": "c1", "Model": "c2", "Tail": "c2"}
+    assert {s.name: s.placement.colocate for s in result.graph.steps} == {"decode": "c1", "wants": "c1", "Model": "c2", "Tail": "c2"}
 
 
 def _wants(a: np.ndarray) -> int:
@@ -198,7 +198,7 @@ def test_a_wide_fan_out_names_a_few_readers_and_counts_the_rest() -> None:
         "(%2, %3, %4, %5, %6, %7, %8, %9 and 4 more), and a fused group has one output; "
         "colocate=c1 puts both ends on one node"
     )
-    assert {s.colocate for s in result.graph.steps} == {"c1"}
+    assert {s.placement.colocate for s in result.graph.steps} == {"c1"}
 
 
 def test_a_long_fused_group_is_labelled_by_its_first_and_last_steps() -> None:

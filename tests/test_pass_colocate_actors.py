@@ -71,7 +71,7 @@ KEPT = "its calls would land in different units, and the replicas of one step (a
 
 def assert_pools_whole(graph: pipeline.Graph) -> None:
     """Every step called inside an actors group is called nowhere else."""
-    for f in (n for n in graph.nodes if isinstance(n, Fused) and n.mode == "actors"):
+    for f in (n for n in graph.nodes if isinstance(n, Fused) and n.placement.mode == "actors"):
         inside = {b.step for b in f.body if isinstance(b, Call)}
         outside = {n.step for n in graph.nodes if isinstance(n, Call)}
         outside |= {b.step for g in graph.nodes if isinstance(g, Fused) and g is not f for b in g.body if isinstance(b, Call)}
@@ -201,4 +201,4 @@ def test_gpu_steps_with_equal_share_colocate_on_the_gpu() -> None:
     compiled = traced(g(Gpu()(pipeline.INPUT)))
     result = apply(colocate_actors, compiled.graph)
     fused = result.graph.nodes[-1]
-    assert isinstance(fused, Fused) and (fused.num_gpus, fused.num_replicas, fused.num_cpus) == (1.0, 2, None)
+    assert isinstance(fused, Fused) and (fused.placement.num_gpus, fused.placement.num_replicas, fused.placement.num_cpus) == (1.0, 2, None)

@@ -79,7 +79,7 @@ def test_fallback_runs_them_on_cpu_and_says_so() -> None:
     assert placed.explain() == (
         "place_gpu:\n  - step 'Model' (%2): gpu=1 -> CPU: the cluster has 0 GPUs and gpu_fallback=True"
     )
-    assert placed.source_graph is compiled.source_graph and compiled.graph.step("Model").num_gpus == 1
+    assert placed.source_graph is compiled.source_graph and compiled.graph.step("Model").placement.num_gpus == 1
 
 
 def test_fallback_of_a_fused_group_takes_its_members_along() -> None:

@@ -68,7 +68,7 @@ def test_marks_a_colocated_group_between_local_values() -> None:
 
 def test_marks_a_step_only_when_every_call_qualifies() -> None:
     both = traced((embed(pipeline.INPUT), embed(prep(pipeline.INPUT))))
-    assert apply(use_channels, both.graph).graph.step("embed").channel
+    assert apply(use_channels, both.graph).graph.step("embed").placement.channel
     mixed = traced((embed(pipeline.INPUT), embed(remote_prep(pipeline.INPUT))))
     result = apply(use_channels, mixed.graph)
     assert result.graph is mixed.graph
@@ -90,14 +90,14 @@ def test_a_switch_reading_the_unit_keeps_actor_tasks() -> None:
     # A switch whose arms are all remote keeps a Ray handle, not a value.
     node = pipeline.switch(pipeline.INPUT["k"], {0: embed(pipeline.INPUT["x"])}, default=head(pipeline.INPUT["x"]))
     result = apply(use_channels, traced(node).graph)
-    assert not any(s.channel for s in result.graph.steps)
+    assert not any(s.placement.channel for s in result.graph.steps)
 
 
 def test_verify_rejects_channels_off_single_actors() -> None:
     g = traced(pooled(pipeline.INPUT)).graph
     import msgspec
 
-    bad = msgspec.structs.replace(g, steps=tuple(msgspec.structs.replace(s, channel=True) for s in g.steps))
+    bad = msgspec.structs.replace(g, steps=tuple(msgspec.structs.replace(s, placement=msgspec.structs.replace(s.placement, channel=True)) for s in g.steps))
     with pytest.raises(GraphError, match="channel=True needs execution_mode 'actors' and one replica"):
         verify(bad)
 
@@ -109,5 +109,5 @@ def test_compile_option_runs_the_pass_last() -> None:
         "  - %3 (embed+head): reads and returns values in the caller with one replica, so calls go over "
         "Compiled Graph channels instead of an actor task each",
     ]
-    assert isinstance(compiled.graph.nodes[-1], Fused) and compiled.graph.nodes[-1].channel
-    assert not pipeline.compile(head(embed(pipeline.INPUT))).graph.nodes[-1].channel  # type: ignore[union-attr]
+    assert isinstance(compiled.graph.nodes[-1], Fused) and compiled.graph.nodes[-1].placement.channel
+    assert not pipeline.compile(head(embed(pipeline.INPUT))).graph.nodes[-1].placement.channel  # type: ignore[union-attr]

@@ -411,7 +411,7 @@ def _assert_actor_pools_whole(graph: Graph) -> None:
         elif isinstance(n, Fused):
             for b in n.body:
                 if isinstance(b, Call):
-                    where.setdefault(b.step, set()).add(n.id if n.mode == "actors" else -1)
+                    where.setdefault(b.step, set()).add(n.id if n.placement.mode == "actors" else -1)
     for key, places in where.items():
         groups = places - {-1}
         assert not groups or places == groups and len(groups) == 1, f"step {key} runs in {places}"
@@ -447,11 +447,11 @@ def test_local_every_pass_configuration_matches_the_reference(recipe: Recipe, xs
 def _record(graph: Graph, optimized: Graph, expected: list[Outcome]) -> None:
     """What the drawn examples exercised (pytest --hypothesis-show-statistics)."""
     fused = [n for n in optimized.nodes if isinstance(n, Fused)]
-    for mode in sorted({f.mode for f in fused}):
+    for mode in sorted({f.placement.mode for f in fused}):
         event(f"fused {mode} group")
     if len(optimized.all_nodes()) - len(fused) < len(graph.nodes):
         event("eliminate_common merged nodes")
-    if any(s.colocate for s in optimized.steps) or any(f.colocate for f in fused):
+    if any(s.placement.colocate for s in optimized.steps) or any(f.placement.colocate for f in fused):
         event("colocate labelled")
     if any(isinstance(n, Switch) for n in graph.nodes):
         event("has a switch")
@@ -520,5 +520,5 @@ def test_ray_steps_own_modes_match_the_reference(ray_session: Any, recipe: Recip
 
 def _is_channel(graph: Graph, node: Any) -> bool:
     if isinstance(node, Fused):
-        return node.channel
-    return isinstance(node, Call) and graph.step(node.step).channel
+        return node.placement.channel
+    return isinstance(node, Call) and graph.step(node.step).placement.channel

@@ -207,14 +207,15 @@ def unpack(pair: tuple[int, int]) -> int:
 
 
 def test_fused_actor_group_runs_in_one_process_per_replica() -> None:
-    from pipeline_ir.passes.grouping import Placement, fuse_pass
+    from pipeline_ir.ir import Placement
+    from pipeline_ir.passes.grouping import fuse_pass
 
     a, b = Counter(0), Counter(100)
     node = b(unpack(a(pipeline.INPUT)))
     compiled = pipeline.compile(node, optimize=False)
     fused = fuse_pass(
         compiled.graph,
-        lambda s: "actors" if s.mode == "actors" else None,
+        lambda s: "actors" if s.placement.mode == "actors" else None,
         lambda steps: Placement(mode="actors", num_replicas=2),
         "test",
     )
@@ -287,3 +288,24 @@ def test_call_async_map_and_no_thread_per_call() -> None:
 
         with pytest.raises(pipeline.StepError, match=r"step 'slow_square' \(node %1\) raised TypeError"):
             asyncio.run(failing())
+
+
+def test_in_flight_counts_drop_and_replicas_register_without_private_ray_api() -> None:
+    """Routing counts drop through `ref.future()` callbacks (no thread per
+    call), and each replica is registered under the actor id it reported."""
+    from pipeline_ir.backends import ray_runtime
+
+    with Worker("r")(pipeline.INPUT).deploy() as p:
+        pool = p._program.closers[0].__self__.pools["Worker"]  # type: ignore[attr-defined]
+        threads = threading.active_count()
+        for i in range(30):
+            p.call(i)
+        assert threading.active_count() <= threads
+        deadline = time.monotonic() + 10
+        while any(s.in_flight for s in pool.slots) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [s.in_flight for s in pool.slots] == [0, 0, 0]
+        ids = [s.actor_id for s in pool.slots]
+        assert all(ids) and len(set(ids)) == 3
+        assert [ray_runtime._replicas[i].index for i in ids] == [0, 1, 2]  # type: ignore[index]
+    assert not set(ids) & set(ray_runtime._replicas)

@@ -116,7 +116,7 @@ def placed_task(x: object) -> str:
 
 def test_colocate_labels_put_actors_and_tasks_on_one_node() -> None:
     compiled = pipeline.compile((placed(pipeline.INPUT), placed_task(pipeline.INPUT)), optimize=False)
-    steps = tuple(msgspec.structs.replace(s, colocate="g") for s in compiled.graph.steps)
+    steps = tuple(msgspec.structs.replace(s, placement=msgspec.structs.replace(s.placement, colocate="g")) for s in compiled.graph.steps)
     graph = msgspec.structs.replace(compiled.graph, steps=steps)
     compiled = pipeline.CompiledPipeline(graph, compiled.source_graph, compiled.bindings, compiled.records)
     with compiled.deploy() as p:

@@ -1,10 +1,12 @@
-"""The typed IR: op kinds (nodes.py), types (types.py), the Graph
-(graph.py), its text/Graphviz forms (printer.py), invariants (verify.py)
-and the switch block structure backends lower (schedule.py)."""
+"""The typed IR: op kinds (nodes.py), where units run (placement.py),
+types (types.py), the Graph (graph.py), its text/Graphviz forms
+(printer.py), invariants (verify.py) and the switch block structure
+backends lower (schedule.py)."""
 
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import (
     AnyNode,
+    Batching,
     Call,
     Case,
     Constant,
@@ -13,6 +15,7 @@ from pipeline_ir.ir.nodes import (
     Inline,
     Input,
     Param,
+    Placement,
     Project,
     StepSpec,
     Switch,
@@ -24,6 +27,7 @@ from pipeline_ir.ir.types import ANY, TypeRef
 __all__ = [
     "ANY",
     "AnyNode",
+    "Batching",
     "Call",
     "Case",
     "Constant",
@@ -33,6 +37,7 @@ __all__ = [
     "Inline",
     "Input",
     "Param",
+    "Placement",
     "Project",
     "StepSpec",
     "Switch",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from pipeline_ir.ir.nodes import AnyNode, Call, Fused, StepSpec, node_inputs
+from pipeline_ir.ir.nodes import AnyNode, Call, Fused, Mode, Placement, StepSpec, node_inputs
 
 CALLER = -1  # the reader of a graph output, in `GraphData.readers()`
 
@@ -125,3 +125,41 @@ class GraphData(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     def to_json(self) -> bytes:
         """The graph as JSON (schema: docs/ir.md). Round-trips exactly."""
         return msgspec.json.encode(self)
+
+    # -- units and placement (a unit: a top-level call or fused group) --
+
+    def callers(self, key: str) -> tuple[Call, ...]:
+        """The call nodes of step `key`, inside fused groups too, in order."""
+        nodes = self._index.nodes
+        return tuple(n for n in (nodes[i] for i in self._index.calls.get(key, ())) if isinstance(n, Call))
+
+    def unit_of(self, node_id: int) -> Call | Fused | None:
+        """The top-level call or fused group node `node_id` runs in: itself,
+        or the group holding it; None for a node the caller runs outside
+        any unit (the input, a top-level constant, projection or switch)."""
+        try:
+            unit = self._index.nodes[self._index.unit[node_id]]
+        except KeyError:
+            raise KeyError(f"graph {self.name!r} has no node %{node_id}") from None
+        return unit if isinstance(unit, (Call, Fused)) else None
+
+    def placement_of(self, node_id: int) -> Placement:
+        """Where node `node_id` runs: the placement of its unit (a call's
+        step, or the fused group holding it); LOCAL outside any unit."""
+        unit = self.unit_of(node_id)
+        return _IN_CALLER if unit is None else self.unit_placement(unit)
+
+    def unit_placement(self, unit: Call | Fused) -> Placement:
+        """The placement of a top-level call (its step's) or fused group."""
+        return unit.placement if isinstance(unit, Fused) else self.step(unit.step).placement
+
+    def units(self) -> tuple[Call | Fused, ...]:
+        """The top-level calls and fused groups, in order."""
+        return tuple(n for n in self.nodes if isinstance(n, (Call, Fused)))
+
+    def modes(self) -> set[Mode]:
+        """The execution modes the graph's units run in."""
+        return {self.unit_placement(u).mode for u in self.units()}
+
+
+_IN_CALLER = Placement()

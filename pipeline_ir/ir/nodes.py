@@ -25,10 +25,14 @@ Op kinds (the JSON tag `"op"`):
                nodes needed only by one case run only when it is chosen
                (see schedule.py).
 ``fused``      a group of call/constant/project nodes run as one unit on one
-               backend: inline code for LOCAL, one Ray task for TASKS, one
+               backend (its `placement`): inline code for LOCAL, one Ray task for TASKS, one
                actor process per replica for ACTORS. Introduced by passes;
                its `body` keeps the original nodes, and `output` names the
                body node whose value the group returns.
+
+Where a call runs is its step's `placement`, where a fused group runs is
+the group's own (placement.py): mode, replicas, resources, colocation,
+channel, batching, idempotence, in one value.
 
 Every node has an `id` (unique in the graph, printed ``%id``) and the `type`
 of its value. Nodes are frozen msgspec Structs: passes build new ones with
@@ -41,9 +45,10 @@ from typing import Any, Literal, TypeAlias, assert_never
 
 import msgspec
 
+# Re-exported: nodes.py is where the IR's names are imported from.
+from pipeline_ir.ir.placement import Batching as Batching, Mode as Mode, Placement as Placement
 from pipeline_ir.ir.types import ANY, TypeRef
 
-Mode: TypeAlias = Literal["local", "tasks", "actors"]
 StepKind: TypeAlias = Literal["function", "class"]
 ParamKind: TypeAlias = Literal["positional", "var_positional", "keyword", "var_keyword"]
 SwitchValue: TypeAlias = None | bool | int | str
@@ -86,24 +91,17 @@ class StepSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     of one configured class instance (`Adder(2)`), shares one spec, and so
     one replica pool. `path` is "module:qualname" for dumps and tools; the
     callable itself travels in the compiled pipeline's bindings.
+    `placement` (placement.py) says where its calls run when they are not
+    inside a fused group (a group's own placement applies there).
     """
 
     key: str
     name: str
     path: str
     kind: StepKind
-    mode: Mode = "local"
-    num_replicas: int = 1
-    num_cpus: float | None = None
-    num_gpus: float | None = None
+    placement: Placement = Placement()
     fuse: bool = True
     pure: bool = False
-    # Steps (and fused groups) with the same label are scheduled on the same
-    # Ray node, so tensors between them stay on one machine. Set by passes.
-    colocate: str | None = None
-    # Calls reach the (single) replica over Ray Compiled Graph channels
-    # instead of one actor task each. Set by the use_channels pass.
-    channel: bool = False
     init_args: tuple[Value, ...] = ()
     init_kwargs: tuple[tuple[str, Value], ...] = ()
     params: tuple[Param, ...] = ()
@@ -165,19 +163,14 @@ class Fused(Node, frozen=True, kw_only=True, tag="fused"):
 
     `inputs` are the ids of outside nodes the body reads, in a fixed order;
     `body` holds the original nodes in topological order; `output` is the id
-    of the body node whose value is the group's value. Resources and
-    replicas apply to the unit as a whole.
+    of the body node whose value is the group's value. `placement`
+    applies to the unit as a whole (its members' own placements do not).
     """
 
-    mode: Mode
+    placement: Placement
     inputs: tuple[int, ...]
     body: tuple[BodyNode, ...]
     output: int
-    num_replicas: int = 1
-    num_cpus: float | None = None
-    num_gpus: float | None = None
-    colocate: str | None = None
-    channel: bool = False
 
 
 AnyNode: TypeAlias = Input | Constant | Call | Project | Switch | Fused

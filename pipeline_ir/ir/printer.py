@@ -3,7 +3,7 @@
 Text grammar (one node a line; docs/ir.md has the full reference)::
 
     pipeline NAME(%0: TYPE) -> TYPE:
-      %ID: TYPE = STEP(ARGS)              # placement
+      %ID: TYPE = STEP(ARGS)              # placement (see placement_text)
       %ID: TYPE = STEP(INIT...)(ARGS)     # class step, init args inline
       %ID: TYPE = LITERAL                 # constant
       %ID: TYPE = %SRC[KEY]               # projection
@@ -28,7 +28,7 @@ from pipeline_ir.ir.nodes import (
     Fused,
     Inline,
     Input,
-    Mode,
+    Placement,
     Project,
     StepSpec,
     Switch,
@@ -65,23 +65,31 @@ def step_text(step: StepSpec) -> str:
     return f"{step.key}({', '.join(parts)})"
 
 
-def placement_text(
-    mode: Mode, replicas: int, cpus: float | None, gpus: float | None, colocate: str | None = None, channel: bool = False
-) -> str:
-    """The trailing comment: where a node runs and with what."""
-    if mode == "local" and cpus is None and gpus is None:
+def placement_text(p: Placement) -> str:
+    """The trailing comment: where a node runs and with what, e.g.
+    `actors x2 gpu=1 batch<=8/10ms retry` (batches of up to 8 calls, waiting
+    up to 10 ms; a call lost with its replica is retried). Empty for a
+    LOCAL unit that reserves nothing."""
+    if p == _PLAIN_LOCAL:
         return ""
-    parts: list[str] = [mode]
-    if replicas > 1:
-        parts.append(f"x{replicas}")
-    for label, amount in (("cpu", cpus), ("gpu", gpus)):
+    parts: list[str] = [p.mode]
+    if p.num_replicas > 1:
+        parts.append(f"x{p.num_replicas}")
+    for label, amount in (("cpu", p.num_cpus), ("gpu", p.num_gpus)):
         if amount is not None:
             parts.append(f"{label}={amount:g}")
-    if colocate is not None:
-        parts.append(f"colocate={colocate}")
-    if channel:
+    if p.batching is not None:
+        parts.append(f"batch<={p.batching.max_batch_size}/{p.batching.batch_wait_timeout_s * 1000:g}ms")
+    if p.colocate is not None:
+        parts.append(f"colocate={p.colocate}")
+    if p.channel:
         parts.append("channel")
+    if p.idempotent:
+        parts.append("retry")
     return " ".join(parts)
+
+
+_PLAIN_LOCAL = Placement()
 
 
 def _line(indent: str, lhs: str, rhs: str, comment: str) -> str:
@@ -105,7 +113,7 @@ def _node_lines(graph: GraphData, node: AnyNode, indent: str) -> list[str]:
             step = graph.step(key)
             arg_text = [f"%{a}" for a in args] + [f"{k}=%{v}" for k, v in kwargs]
             rhs = f"{step_text(step)}({', '.join(arg_text)})"
-            comment = placement_text(step.mode, step.num_replicas, step.num_cpus, step.num_gpus, step.colocate, step.channel)
+            comment = placement_text(step.placement)
             if not step.fuse:
                 comment = f"{comment} nofuse".strip()
             if step.pure:
@@ -117,9 +125,9 @@ def _node_lines(graph: GraphData, node: AnyNode, indent: str) -> list[str]:
             arms = ", ".join(f"{json.dumps(c.value)}: %{c.branch}" for c in cases)
             rhs = f"switch %{key} {{{arms}}}" + (f" default %{default}" if default is not None else "")
             return [_line(indent, _lhs(node), rhs, "")]
-        case Fused(mode=mode, body=body, output=output):
-            comment = placement_text(mode, node.num_replicas, node.num_cpus, node.num_gpus, node.colocate, node.channel) or "local"
-            head = _line(indent, _lhs(node), f"fused {mode} {{", f"{comment}, {len(body)} nodes")
+        case Fused(placement=placement, body=body, output=output):
+            comment = placement_text(placement) or "local"
+            head = _line(indent, _lhs(node), f"fused {placement.mode} {{", f"{comment}, {len(body)} nodes")
             lines = [head]
             for inner in body:
                 lines.extend(_node_lines(graph, inner, indent + "  "))
@@ -183,7 +191,7 @@ def to_dot(graph: GraphData) -> str:
     for node in graph.nodes:
         if isinstance(node, Fused):
             lines.append(f"  subgraph cluster_{node.id} {{")
-            lines.append(f'    label="fused %{node.id} ({node.mode})"; style=dashed;')
+            lines.append(f'    label="fused %{node.id} ({node.placement.mode})"; style=dashed;')
             for inner in node.body:
                 emit(inner, "    ")
             lines.append("  }")

@@ -136,9 +136,9 @@ def remote_values(graph: Graph, remote_modes: frozenset[Mode] = frozenset({"task
     remote: set[int] = set()
     for n in graph.all_nodes():
         match n:
-            case Call(step=key) if graph.step(key).mode in remote_modes:
+            case Call(step=key) if graph.step(key).placement.mode in remote_modes:
                 remote.add(n.id)
-            case Fused(mode=mode) if mode in remote_modes:
+            case Fused(placement=p) if p.mode in remote_modes:
                 remote.add(n.id)
             case Switch(cases=cases, default=default):
                 arms = [c.branch for c in cases] + ([default] if default is not None else [])

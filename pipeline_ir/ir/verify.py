@@ -19,6 +19,7 @@ from pipeline_ir.ir.nodes import (
     Fused,
     Input,
     Param,
+    Placement,
     StepSpec,
     Switch,
     node_inputs,
@@ -26,17 +27,33 @@ from pipeline_ir.ir.nodes import (
 from pipeline_ir.ir.types import ANY, TypeRef, can_match, render
 
 
-def _check_step(step: StepSpec) -> None:
-    where = f"step {step.name!r}"
-    if step.num_replicas < 1:
-        raise GraphError(f"{where}: num_replicas must be at least 1, got {step.num_replicas}")
-    if step.num_replicas > 1 and step.mode != "actors":
-        raise GraphError(f"{where}: num_replicas={step.num_replicas} needs execution_mode 'actors', not {step.mode!r}")
-    for label, amount in (("num_cpus", step.num_cpus), ("num_gpus", step.num_gpus)):
+def _check_placement(where: str, p: Placement, mode_word: str) -> None:
+    """`mode_word`: what the mode is called where the unit came from
+    (a step's `execution_mode`, a fused group's `mode`)."""
+    if p.num_replicas < 1:
+        raise GraphError(f"{where}: num_replicas must be at least 1, got {p.num_replicas}")
+    if p.num_replicas > 1 and p.mode != "actors":
+        raise GraphError(f"{where}: num_replicas={p.num_replicas} needs {mode_word} 'actors', not {p.mode!r}")
+    for label, amount in (("num_cpus", p.num_cpus), ("num_gpus", p.num_gpus)):
         if amount is not None and amount < 0:
             raise GraphError(f"{where}: {label} must be >= 0, got {amount}")
-    if step.channel and (step.mode != "actors" or step.num_replicas != 1):
-        raise GraphError(f"{where}: channel=True needs execution_mode 'actors' and one replica")
+    if p.channel and (p.mode != "actors" or p.num_replicas != 1):
+        raise GraphError(f"{where}: channel=True needs {mode_word} 'actors' and one replica")
+    if p.batching is not None:
+        # Off ACTORS (only after compile(backend=...)) a call is a batch of one.
+        if p.batching.max_batch_size < 1:
+            raise GraphError(f"{where}: max_batch_size must be at least 1, got {p.batching.max_batch_size}")
+        if p.batching.batch_wait_timeout_s < 0:
+            raise GraphError(f"{where}: batch_wait_timeout_s must be >= 0, got {p.batching.batch_wait_timeout_s}")
+        if p.channel:
+            raise GraphError(f"{where}: a batched unit cannot use a channel (a channel carries one call at a time)")
+    if p.idempotent and p.mode == "local":
+        raise GraphError(f"{where}: idempotent=True applies to 'tasks' and 'actors' units, not 'local'")
+
+
+def _check_step(step: StepSpec) -> None:
+    where = f"step {step.name!r}"
+    _check_placement(where, step.placement, "execution_mode")
     if step.kind == "class" and step.pure:
         raise GraphError(f"{where}: pure=True is for function steps; class steps hold state")
 
@@ -103,10 +120,7 @@ def _verify_fused(graph: GraphData, node: Fused, seen: set[int]) -> None:
     where = f"graph {graph.name!r}: fused %{node.id}"
     if not node.body:
         raise GraphError(f"{where} has an empty body")
-    if node.num_replicas > 1 and node.mode != "actors":
-        raise GraphError(f"{where}: num_replicas={node.num_replicas} needs mode 'actors'")
-    if node.channel and (node.mode != "actors" or node.num_replicas != 1):
-        raise GraphError(f"{where}: channel=True needs mode 'actors' and one replica")
+    _check_placement(where, node.placement, "mode")
     visible = set(node.inputs)
     for inner in node.body:
         for ref in node_inputs(inner):
@@ -119,8 +133,10 @@ def _verify_fused(graph: GraphData, node: Fused, seen: set[int]) -> None:
             raise GraphError(f"{where}: node id %{inner.id} is defined twice")
         if isinstance(inner, Call):
             step = graph.step(inner.step)
-            if step.mode != node.mode:
-                raise GraphError(f"{where} ({node.mode}) holds step {step.name!r} of mode {step.mode!r}")
+            if step.placement.mode != node.placement.mode:
+                raise GraphError(f"{where} ({node.placement.mode}) holds step {step.name!r} of mode {step.placement.mode!r}")
+            if step.placement.batching is not None:
+                raise GraphError(f"{where} holds batched step {step.name!r}: a batched step is a unit of its own")
         seen.add(inner.id)
         visible.add(inner.id)
     if node.output not in {inner.id for inner in node.body}:

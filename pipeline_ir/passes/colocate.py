@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
 
@@ -74,12 +75,12 @@ def _remote(graph: Graph, node: AnyNode) -> _Remote | None:
     match node:
         case Call(step=key):
             s = graph.step(key)
-            if s.mode == "local":
+            if not s.placement.remote:
                 return None
-            return _Remote(("step", key), s.mode, s.num_replicas, gpu_class(s), (s,))
-        case Fused(mode=mode) if mode != "local":
+            return _Remote(("step", key), s.placement.mode, s.placement.num_replicas, gpu_class(s), (s,))
+        case Fused(placement=p) if p.remote:
             steps = tuple(graph.step(b.step) for b in node.body if isinstance(b, Call))
-            return _Remote(("fused", str(node.id)), mode, node.num_replicas, node.num_gpus or 0.0, steps)
+            return _Remote(("fused", str(node.id)), p.mode, p.num_replicas, p.num_gpus or 0.0, steps)
         case _:
             return None
 
@@ -149,6 +150,9 @@ def _why_apart(memo: _Memo, a: _Remote, b: _Remote, source: int, consumer: int) 
     nofuse = sorted(a.nofuse | b.nofuse)
     if nofuse:
         return f"{', '.join(nofuse)} {'has' if len(nofuse) == 1 else 'have'} fuse=False"
+    batched = sorted({s.name for s in a.steps + b.steps if s.placement.batching is not None})
+    if batched:
+        return f"{', '.join(batched)} {'is' if len(batched) == 1 else 'are'} batched, and a batched step is a unit of its own"
     if a.gpus != b.gpus:
         return f"GPU boundary (gpu={a.gpus:g} vs gpu={b.gpus:g})"
     if a.mode == "actors" and a.replicas != b.replicas:
@@ -234,17 +238,19 @@ def _name_components(graph: Graph, groups: _UnionFind) -> dict[Unit, str]:
     return labels
 
 
+_Placed = TypeVar("_Placed", StepSpec, Fused)
+
+
+def _labelled(thing: _Placed, label: str | None) -> _Placed:
+    """`thing` with its placement's colocate label set to `label` (None: unchanged)."""
+    if label is None or thing.placement.colocate == label:
+        return thing
+    return msgspec.structs.replace(thing, placement=msgspec.structs.replace(thing.placement, colocate=label))
+
+
 def _apply(graph: Graph, labels: dict[Unit, str]) -> Graph:
-    steps = tuple(
-        msgspec.structs.replace(s, colocate=labels[("step", s.key)]) if ("step", s.key) in labels and s.colocate != labels[("step", s.key)] else s
-        for s in graph.steps
-    )
-    nodes = tuple(
-        msgspec.structs.replace(n, colocate=labels[("fused", str(n.id))])
-        if isinstance(n, Fused) and ("fused", str(n.id)) in labels and n.colocate != labels[("fused", str(n.id))]
-        else n
-        for n in graph.nodes
-    )
+    steps = tuple(_labelled(s, labels.get(("step", s.key))) for s in graph.steps)
+    nodes = tuple(_labelled(n, labels.get(("fused", str(n.id)))) if isinstance(n, Fused) else n for n in graph.nodes)
     if steps == graph.steps and nodes == graph.nodes:
         return graph
     return msgspec.structs.replace(graph, steps=steps, nodes=nodes)

@@ -23,23 +23,23 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 from pipeline_ir.ir.graph import Graph
-from pipeline_ir.ir.nodes import Call, StepSpec
-from pipeline_ir.passes.grouping import Placement, combined_cpus, combined_gpus, find_groups, fuse_pass, gpu_class
+from pipeline_ir.ir.nodes import Placement, StepSpec
+from pipeline_ir.passes.grouping import combined_cpus, combined_gpus, find_groups, fuse_pass, gpu_class, unbatched
 from pipeline_ir.passes.manager import PassResult
 
 _WHY = "adjacent ACTORS steps with equal replica counts share one actor process per replica"
 
 
 def _actor_class(step: StepSpec) -> Hashable | None:
-    if step.mode != "actors" or not step.fuse:
+    if step.placement.mode != "actors" or not step.fuse:
         return None
-    return ("actors", step.num_replicas, gpu_class(step))
+    return ("actors", step.placement.num_replicas, gpu_class(step))
 
 
 def _one_actor(steps: list[StepSpec]) -> Placement:
     return Placement(
         mode="actors",
-        num_replicas=steps[0].num_replicas,
+        num_replicas=steps[0].placement.num_replicas,
         num_cpus=combined_cpus(steps),
         num_gpus=combined_gpus(steps),
     )
@@ -47,12 +47,8 @@ def _one_actor(steps: list[StepSpec]) -> Placement:
 
 def split_steps(graph: Graph, groups: list[list[int]]) -> set[str]:
     """Step keys with calls in a group and calls outside that group."""
-    where: dict[str, set[int]] = {}  # step key -> index of its group, -1 none
     group_of = {node_id: g for g, ids in enumerate(groups) for node_id in ids}
-    for n in graph.nodes:
-        if isinstance(n, Call):
-            where.setdefault(n.step, set()).add(group_of.get(n.id, -1))
-    return {key for key, places in where.items() if len(places) > 1}
+    return {s.key for s in graph.steps if len({group_of.get(c.id, -1) for c in graph.callers(s.key)}) > 1}
 
 
 def colocate_actors(graph: Graph) -> PassResult:
@@ -67,7 +63,7 @@ def colocate_actors(graph: Graph) -> PassResult:
         # Keeping a shared step out can break a group in two, which can
         # split another step: repeat until no step is split (the set only
         # grows, so this ends).
-        split = split_steps(graph, find_groups(graph, klass))
+        split = split_steps(graph, find_groups(graph, unbatched(klass)))
         if not split:
             break
         kept_apart |= split

@@ -2,7 +2,10 @@
 
 Rewrites each step's mode. Replica counts above one survive only on the
 actors backend (replicas are actors); resources stay as declared, since
-they mean the same for a task and an actor.
+they mean the same for a task and an actor. `idempotent` is dropped on
+the local backend (a local call has no replica to lose). `batching` stays
+whatever the backend: the step's callable still takes and returns a list,
+and off the actors backend each call is a batch of one.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import msgspec
 
 from pipeline_ir.ir.graph import Graph
-from pipeline_ir.ir.nodes import Fused, Mode
+from pipeline_ir.ir.nodes import Fused, Mode, Placement
 from pipeline_ir.passes.manager import PassResult
 
 
@@ -19,19 +22,36 @@ def force_backend(graph: Graph, backend: Mode) -> PassResult:
     rewrites: list[str] = []
     steps = []
     for s in graph.steps:
-        if s.mode == backend:
+        p = s.placement
+        if p.mode == backend:
             steps.append(s)
             continue
-        replicas = s.num_replicas if backend == "actors" else 1
-        note = f" (num_replicas {s.num_replicas} -> 1: replicas exist only on actors)" if replicas != s.num_replicas else ""
-        rewrites.append(f"step {s.name!r}: {s.mode} -> {backend}, as compile(backend={backend!r}) asks{note}")
-        steps.append(msgspec.structs.replace(s, mode=backend, num_replicas=replicas))
+        notes = []
+        if p.num_replicas > 1 and backend != "actors":
+            notes.append(f"num_replicas {p.num_replicas} -> 1: replicas exist only on actors")
+        if p.idempotent and backend == "local":
+            notes.append("idempotent dropped: a local call has no replica to lose")
+        if p.batching is not None and backend != "actors":
+            notes.append("each call is a batch of one")
+        note = f" ({'; '.join(notes)})" if notes else ""
+        rewrites.append(f"step {s.name!r}: {p.mode} -> {backend}, as compile(backend={backend!r}) asks{note}")
+        steps.append(msgspec.structs.replace(s, placement=_on(backend, p)))
     nodes = tuple(
-        msgspec.structs.replace(n, mode=backend, num_replicas=n.num_replicas if backend == "actors" else 1)
-        if isinstance(n, Fused) and n.mode != backend
+        msgspec.structs.replace(n, placement=_on(backend, n.placement))
+        if isinstance(n, Fused) and n.placement.mode != backend
         else n
         for n in graph.nodes
     )
     if not rewrites and nodes == graph.nodes:
         return PassResult(graph)
     return PassResult(msgspec.structs.replace(graph, steps=tuple(steps), nodes=nodes), tuple(rewrites))
+
+
+def _on(backend: Mode, p: Placement) -> Placement:
+    """`p` moved to `backend`."""
+    return msgspec.structs.replace(
+        p,
+        mode=backend,
+        num_replicas=p.num_replicas if backend == "actors" else 1,
+        idempotent=p.idempotent and backend != "local",
+    )

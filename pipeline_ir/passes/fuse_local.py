@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 from pipeline_ir.ir.graph import Graph
-from pipeline_ir.ir.nodes import StepSpec
-from pipeline_ir.passes.grouping import Placement, fuse_pass
+from pipeline_ir.ir.nodes import Placement, StepSpec
+from pipeline_ir.passes.grouping import fuse_pass
 from pipeline_ir.passes.manager import PassResult
 
 
 def _local_class(step: StepSpec) -> Hashable | None:
-    return "local" if step.mode == "local" and step.fuse else None
+    return "local" if step.placement.mode == "local" and step.fuse else None
 
 
 def _local(steps: list[StepSpec]) -> Placement:

@@ -22,13 +22,13 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 from pipeline_ir.ir.graph import Graph
-from pipeline_ir.ir.nodes import StepSpec
-from pipeline_ir.passes.grouping import Placement, combined_cpus, combined_gpus, fuse_pass, gpu_class
+from pipeline_ir.ir.nodes import Placement, StepSpec
+from pipeline_ir.passes.grouping import combined_cpus, combined_gpus, fuse_pass, gpu_class
 from pipeline_ir.passes.manager import PassResult
 
 
 def _task_class(step: StepSpec) -> Hashable | None:
-    if step.mode != "tasks" or not step.fuse:
+    if step.placement.mode != "tasks" or not step.fuse:
         return None
     return ("tasks", gpu_class(step))
 

@@ -1,8 +1,8 @@
 """Forming fused groups: the mechanism the fusion passes share.
 
 A fusion pass says which call nodes may share a group (`group_class`: equal
-classes may fuse, None never) and how the group runs (`placement`). This
-module finds the groups and rewrites the graph. A group grows backwards from
+classes may fuse, None never) and how the group runs (`placement`, the
+group's Placement). This module finds the groups and rewrites the graph. A group grows backwards from
 a node into a producer when the producer is the end of a group of the same
 class and the node is its only reader, so every member but the last is read
 only inside the group: groups are convex (no path leaves and re-enters) and
@@ -13,6 +13,15 @@ Because every member but the last is read only inside its group, a group
 never spans a switch: all of its members run in the same arm as its last
 node (see ir/schedule.py), so fusing never makes a branch run when it was
 not chosen. Switch nodes themselves never join a group.
+
+Rules every fusion pass shares, applied here:
+
+- a batched step (`max_batch_size`) never joins a group: its callable
+  takes a list of inputs and returns a list, so it cannot be inlined into
+  straight-line code over single values. It stays its own unit, and the
+  pass says so when it would otherwise have been fused;
+- a group is idempotent only if all of its members are: retrying the
+  group runs every member again.
 """
 
 from __future__ import annotations
@@ -23,28 +32,28 @@ from dataclasses import dataclass
 import msgspec
 
 from pipeline_ir.ir.graph import Graph
-from pipeline_ir.ir.nodes import AnyNode, Call, Constant, Fused, Mode, Project, StepSpec, node_inputs, remap_inputs
+from pipeline_ir.ir.nodes import AnyNode, Call, Constant, Fused, Placement, Project, StepSpec, node_inputs, remap_inputs
 from pipeline_ir.ir.printer import placement_text
 from pipeline_ir.passes.manager import PassResult
 
 
-class Placement(msgspec.Struct, frozen=True, kw_only=True):
-    """How a fused group runs: the fields its Fused node gets."""
-
-    mode: Mode
-    num_replicas: int = 1
-    num_cpus: float | None = None
-    num_gpus: float | None = None
-
-
 GroupClass = Callable[[StepSpec], Hashable | None]
+
+
+def unbatched(group_class: GroupClass) -> GroupClass:
+    """`group_class`, with batched steps kept out of every group."""
+
+    def klass(step: StepSpec) -> Hashable | None:
+        return None if step.placement.batching is not None else group_class(step)
+
+    return klass
 
 
 def gpu_class(step: StepSpec) -> float:
     """The GPU share a step asks for, 0 for none: steps fuse only with
     steps that ask for the same share, so a CPU step never holds a GPU and
     two GPU models never have to share one they each asked for whole."""
-    return step.num_gpus or 0.0
+    return step.placement.num_gpus or 0.0
 
 
 def combined_cpus(steps: list[StepSpec]) -> float | None:
@@ -52,9 +61,10 @@ def combined_cpus(steps: list[StepSpec]) -> float | None:
     any of them asks for (None, Ray's default of one, counts as 1), or None
     when none asks explicitly. Never more than some member alone needed,
     so a fused unit fits wherever its largest member fit."""
-    if all(s.num_cpus is None for s in steps):
+    cpus = [s.placement.num_cpus for s in steps]
+    if all(c is None for c in cpus):
         return None
-    return max(1.0 if s.num_cpus is None else s.num_cpus for s in steps)
+    return max(1.0 if c is None else c for c in cpus)
 
 
 def combined_gpus(steps: list[StepSpec]) -> float | None:
@@ -131,17 +141,15 @@ def fuse(graph: Graph, groups: list[list[int]], placement: Callable[[list[StepSp
         inside = set(ids)
         inputs = tuple(dict.fromkeys(i for b in body for i in node_inputs(b) if i not in inside))
         steps = [graph.step(b.step) for b in body if isinstance(b, Call)]
-        where = placement(steps)
+        # Retrying the group runs every member again.
+        where = msgspec.structs.replace(placement(steps), idempotent=all(s.placement.idempotent for s in steps))
         fused = Fused(
             id=next_id,
             type=body[-1].type,
-            mode=where.mode,
+            placement=where,
             inputs=inputs,
             body=tuple(b for b in body if isinstance(b, (Call, Constant, Project))),
             output=ids[-1],
-            num_replicas=where.num_replicas,
-            num_cpus=where.num_cpus,
-            num_gpus=where.num_gpus,
         )
         next_id += 1
         sink_to_fused[ids[-1]] = fused
@@ -163,7 +171,7 @@ def fuse(graph: Graph, groups: list[list[int]], placement: Callable[[list[StepSp
 
 def unit_placement(fused: Fused) -> str:
     """`local`, `tasks cpu=2`, `actors x2 gpu=1`: where a fused unit runs."""
-    return placement_text(fused.mode, fused.num_replicas, fused.num_cpus, fused.num_gpus, fused.colocate) or fused.mode
+    return placement_text(fused.placement) or fused.placement.mode
 
 
 def describe(graph: Graph, fused: Fused) -> str:
@@ -178,11 +186,29 @@ def fuse_pass(
     why: str,
     verb: str = "fused",
 ) -> PassResult:
-    """A whole fusion pass: find groups, fuse them, record each rewrite."""
-    groups = find_groups(graph, group_class)
+    """A whole fusion pass: find groups, fuse them, record each rewrite
+    and each batched step kept out of a group it would have joined."""
+    groups = find_groups(graph, unbatched(group_class))
     new_graph, fused = fuse(graph, groups, placement)
-    if not fused:
-        return PassResult(graph)
     rewrites = tuple(f"{verb} {describe(graph, f)} into %{f.id} ({unit_placement(f)}): {why}" for f in fused)
-    return PassResult(new_graph, rewrites)
+    return PassResult(new_graph, rewrites + batched_notes(graph, group_class))
+
+
+def batched_notes(graph: Graph, group_class: GroupClass) -> tuple[str, ...]:
+    """One line per batched call that `group_class` would have fused with
+    a neighbour, saying why it stays its own unit."""
+    notes = []
+    for ids in find_groups(graph, group_class):
+        for i in ids:
+            node = graph.node(i)
+            if not isinstance(node, Call):
+                continue
+            batching = graph.step(node.step).placement.batching
+            if batching is not None:
+                notes.append(
+                    f"kept {graph.step(node.step).name} %{i} as its own unit: it is batched "
+                    f"(max_batch_size={batching.max_batch_size}), its callable takes and returns a list, "
+                    "so it cannot run inline with steps that take one value"
+                )
+    return tuple(notes)
 

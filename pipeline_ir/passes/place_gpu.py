@@ -55,21 +55,20 @@ class GpuUnit:
 def gpu_units(graph: Graph) -> list[GpuUnit]:
     """The remote units of `graph` that ask for GPUs, in graph order."""
     units: list[GpuUnit] = []
-    calls: dict[str, list[int]] = {}
-    for n in graph.nodes:
-        if isinstance(n, Call) and graph.step(n.step).mode != "local":
-            calls.setdefault(n.step, []).append(n.id)
-    for n in graph.nodes:
-        match n:
-            case Call(step=key) if key in calls and (graph.step(key).num_gpus or 0) > 0 and calls[key][0] == n.id:
-                s = graph.step(key)
-                ids = ", ".join(f"%{i}" for i in calls[key])
-                units.append(GpuUnit(f"step {s.name!r} ({ids})", key, None, s.num_gpus or 0, s.num_replicas, s.mode == "actors"))
-            case Fused(mode=mode) if mode != "local" and (n.num_gpus or 0) > 0:
-                name = f"fused group %{n.id} ({node_label(graph, n.id)})"
-                units.append(GpuUnit(name, None, n.id, n.num_gpus or 0, n.num_replicas, mode == "actors"))
-            case _:
-                pass
+    seen: set[str] = set()
+    for n in graph.units():
+        p = graph.unit_placement(n)
+        if not p.remote or not (p.num_gpus or 0) > 0:
+            continue
+        if isinstance(n, Fused):
+            name = f"fused group %{n.id} ({node_label(graph, n.id)})"
+            units.append(GpuUnit(name, None, n.id, p.num_gpus or 0, p.num_replicas, p.mode == "actors"))
+        elif n.step not in seen:
+            seen.add(n.step)
+            # A step's calls share its tasks' resources or its one pool.
+            ids = ", ".join(f"%{c.id}" for c in graph.callers(n.step) if graph.unit_of(c.id) is c)
+            name = f"step {graph.step(n.step).name!r} ({ids})"
+            units.append(GpuUnit(name, n.step, None, p.num_gpus or 0, p.num_replicas, p.mode == "actors"))
     return units
 
 
@@ -112,7 +111,7 @@ def place_gpu(graph: Graph, *, cluster_gpus: float | None = None, fallback: bool
     steps = {u.step for u in short if u.step is not None}
     groups = {u.fused for u in short if u.fused is not None}
     # A fused group's members ask for the group's GPUs: they fall back with it.
-    for n in graph.nodes:
+    for n in graph.units():
         if isinstance(n, Fused) and n.id in groups:
             steps.update(b.step for b in n.body if isinstance(b, Call))
     new_steps = tuple(_on_cpu(s) if s.key in steps else s for s in graph.steps)
@@ -124,8 +123,10 @@ def place_gpu(graph: Graph, *, cluster_gpus: float | None = None, fallback: bool
 
 
 def _on_cpu(step: StepSpec) -> StepSpec:
-    return msgspec.structs.replace(step, num_gpus=None)
+    return msgspec.structs.replace(step, placement=msgspec.structs.replace(step.placement, num_gpus=None))
 
 
 def _fused_on_cpu(node: AnyNode) -> AnyNode:
-    return msgspec.structs.replace(node, num_gpus=None) if isinstance(node, Fused) else node
+    if not isinstance(node, Fused):
+        return node
+    return msgspec.structs.replace(node, placement=msgspec.structs.replace(node.placement, num_gpus=None))

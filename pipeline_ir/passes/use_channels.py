@@ -14,6 +14,8 @@ A unit is marked when:
 
 - it has one replica: a compiled graph is bound to one actor, so a pool
   of several keeps least-loaded routing over actor tasks;
+- it is not batched: a channel carries one call at a time, so a replica
+  would never see two calls to batch;
 - every value it reads is in the caller (the input, constants, local
   steps, projections): a channel takes values, not ObjectRefs;
 - every reader of its result is in the caller (a local step, a
@@ -28,10 +30,12 @@ Compiled Graphs are an experimental Ray feature (docs/passes.md).
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import msgspec
 
 from pipeline_ir.ir.graph import CALLER, Graph
-from pipeline_ir.ir.nodes import Call, Fused, Project, node_inputs
+from pipeline_ir.ir.nodes import Call, Fused, Project, StepSpec, node_inputs
 from pipeline_ir.ir.printer import node_label
 from pipeline_ir.ir.schedule import remote_values
 from pipeline_ir.passes.manager import PassResult
@@ -49,9 +53,11 @@ def _reader_in_caller(graph: Graph, reader: int, remote: set[int]) -> bool:
 
 def _why_not(graph: Graph, node: Call | Fused, remote: set[int], readers: dict[int, list[int]]) -> str | None:
     """None when `node` (an actor call or group) may use a channel, else why not."""
-    replicas = node.num_replicas if isinstance(node, Fused) else graph.step(node.step).num_replicas
-    if replicas != 1:
-        return f"it has {replicas} replicas, and a compiled graph binds one actor"
+    placement = graph.unit_placement(node)
+    if placement.num_replicas != 1:
+        return f"it has {placement.num_replicas} replicas, and a compiled graph binds one actor"
+    if placement.batching is not None:
+        return "it is batched, and a channel carries one call at a time"
     far = [i for i in node_inputs(node) if i in remote]
     if far:
         return f"it reads {', '.join(f'%{i}' for i in far)} from another Ray process"
@@ -69,10 +75,13 @@ def use_channels(graph: Graph) -> PassResult:
     # A step is marked only if every node calling it qualifies.
     step_nodes: dict[str, list[Call]] = {}
     fused: list[Fused] = []
-    for n in graph.nodes:
-        if isinstance(n, Call) and graph.step(n.step).mode == "actors" and not graph.step(n.step).channel:
+    for n in graph.units():
+        p = graph.unit_placement(n)
+        if p.mode != "actors" or p.channel:
+            continue
+        if isinstance(n, Call):
             step_nodes.setdefault(n.step, []).append(n)
-        elif isinstance(n, Fused) and n.mode == "actors" and not n.channel:
+        else:
             fused.append(n)
     rewrites: list[str] = []
     marked_steps: set[str] = set()
@@ -97,9 +106,16 @@ def use_channels(graph: Graph) -> PassResult:
         rewrites.append(f"{label}: {_WHY}")
     if not marked_steps and not marked_fused:
         return PassResult(graph, tuple(rewrites))
-    steps = tuple(msgspec.structs.replace(s, channel=True) if s.key in marked_steps else s for s in graph.steps)
-    nodes = tuple(msgspec.structs.replace(n, channel=True) if isinstance(n, Fused) and n.id in marked_fused else n for n in graph.nodes)
+    steps = tuple(_on_channel(s) if s.key in marked_steps else s for s in graph.steps)
+    nodes = tuple(_on_channel(n) if isinstance(n, Fused) and n.id in marked_fused else n for n in graph.nodes)
     return PassResult(msgspec.structs.replace(graph, steps=steps, nodes=nodes), tuple(rewrites))
+
+
+_Placed = TypeVar("_Placed", StepSpec, Fused)
+
+
+def _on_channel(thing: _Placed) -> _Placed:
+    return msgspec.structs.replace(thing, placement=msgspec.structs.replace(thing.placement, channel=True))
 
 
 _WHY = "reads and returns values in the caller with one replica, so calls go over Compiled Graph channels instead of an actor task each"
