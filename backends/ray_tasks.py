@@ -26,6 +26,8 @@ it decides nothing itself.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -35,6 +37,7 @@ import ray
 from pipeline_ir.backends import calls
 from pipeline_ir.backends.ray_runtime import check_feasible, colocate_strategy, resource_options, ship_code, submit_expr
 from pipeline_ir.backends.serialization import ensure_registered
+from pipeline_ir.backends.stats import PipelineStats
 from pipeline_ir.backends.worker import Unit
 from pipeline_ir.bindings import Bindings
 from pipeline_ir.ir.graph import Graph
@@ -44,23 +47,35 @@ from pipeline_ir.ir.nodes import Call, Fused
 class Task:
     """The callee generated code holds for one step (or fused group)."""
 
-    __slots__ = ("fn", "unit")
+    __slots__ = ("fn", "unit", "stats")
 
-    def __init__(self, fn: Any, unit: Any) -> None:
+    def __init__(self, fn: Any, unit: Any, stats: PipelineStats | None = None) -> None:
         self.fn = fn
         # In a list: Ray resolves top-level ObjectRef arguments, not nested
         # ones, so the worker gets the ref and fetches the unit only once.
         self.unit = [unit]
+        self.stats = stats
 
     def submit(self, node_id: int, *args: object, **kwargs: object) -> Any:
         """Start one task; returns its ObjectRef."""
         ensure_registered()  # torch may have been imported since deploy
         ref = self.fn.remote(self.unit, node_id, *args, **kwargs)
         calls.track(ref, node_id, _stop_task)
+        if self.stats is not None:
+            started = self.stats.submitted(node_id)
+            state = calls.current()
+            ref.future().add_done_callback(functools.partial(_finished, self.stats, node_id, started, state))
         return ref
 
 
-def _stop_task(ref: Any, force: bool) -> None:
+def _finished(
+    stats: PipelineStats, node_id: int, started: float, state: calls.CallState | None, future: concurrent.futures.Future[object]
+) -> None:
+    # On Ray's callback thread: bookkeeping only.
+    stats.finished(node_id, started, None if state is None else state.ready, future.exception() is None)
+
+
+def _stop_task(ref: Any, force: bool) -> None:  # noqa: D401 (a calls.Cancel)
     """Cancel a task of an abandoned call: a queued one never starts, a
     running one gets a KeyboardInterrupt (its worker lives on for the next
     call); at shutdown (`force`) its worker exits, as a task stuck in
@@ -104,8 +119,11 @@ class TaskLauncher:
 
     remote = True
 
-    def __init__(self, graph: Graph, bindings: Bindings, colocation: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, graph: Graph, bindings: Bindings, colocation: dict[str, str] | None = None, stats: PipelineStats | None = None
+    ) -> None:
         self.graph = graph
+        self.stats = stats
         self.bindings = bindings
         self.colocation = {} if colocation is None else colocation
         self.tasks: dict[str | int, Task] = {}
@@ -126,7 +144,7 @@ class TaskLauncher:
             resources = resource_options(placement)
             check_feasible(unit.label, resources, "task")
             options = {"max_retries": 0, **resources, **colocate_strategy(placement.colocate, self.colocation)}
-            task = self.tasks[key] = Task(_remote_function(unit, options), ray.put(unit))
+            task = self.tasks[key] = Task(_remote_function(unit, options), ray.put(unit), self.stats)
         return task
 
     def expr(self, node: Call | Fused, callee: str, args: str, is_async: bool = False) -> str:
