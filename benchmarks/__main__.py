@@ -26,6 +26,10 @@ A benchmark that raises is recorded with its error and the others still run;
 the exit status is 1 when any did. A run of a subset writes latest.json with
 that subset only; each NAME.json keeps the last run of that benchmark.
 
+Ray, when a benchmark needs it, is started once, by the first benchmark
+that does, and stopped at the end: a local instance of its own, or the
+cluster RAY_ADDRESS names.
+
 Smoke mode, `--smoke`, is there so that the suite cannot rot: the runner
 calls `run(smoke=True)`, with which each module runs every code path at
 tiny sizes and one or two repetitions (its figures mean nothing), and
@@ -209,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     out = output_dir(args.out, args.smoke)
     if out is None:
         parser.error(f"--smoke never writes into {RESULTS}: its figures are meaningless; give another --out")
+    # A Ray of their own unless RAY_ADDRESS names one: ray.init() would
+    # otherwise join whatever cluster `ray start` last left on this machine.
+    os.environ.setdefault("RAY_ADDRESS", "local")
     report: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "benchmarks": []}
     for name in chosen:
         print(f"== {name}" + (" (smoke)" if args.smoke else ""), flush=True)

@@ -15,6 +15,7 @@ latency of BATCH sequential calls.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -72,7 +73,7 @@ def run(smoke: bool = False) -> dict[str, Any]:
     repeats, batch = (SMOKE_REPEATS, SMOKE_BATCH) if smoke else (REPEATS, BATCH)
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
     rows: dict[str, float] = {}
     ratios: dict[str, float] = {}
     skipped: dict[str, str] = {}

@@ -422,7 +422,7 @@ def run(smoke: bool = False) -> dict[str, Any]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
     sizes = SMOKE if smoke else FULL
     seconds: dict[str, float] = {}
     rows: dict[str, float] = {}

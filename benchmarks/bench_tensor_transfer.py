@@ -76,7 +76,7 @@ def run(smoke: bool = False) -> dict[str, object]:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
     tensor = torch.randn(mb * 1024 * 1024 // 4)
     array = tensor.numpy()
     context = ray._private.worker.global_worker.get_serialization_context()
