@@ -528,10 +528,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.invert_yaxis()
         ax.set_title(f"{section}: {result['sections'].get(section, '')}", fontsize=8)
+        ax.margins(x=0.15)  # room for the figures written after the bars
         for bar, value in zip(bars, values):
-            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:.3g}", va="center", fontsize=7)
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:.4g}", va="center", fontsize=7)
     skipped = "; ".join(f"{k}: {v}" for k, v in result["skipped"].items())
     fig.suptitle(result["title"] + (f"\nnot run: {skipped}" if skipped else ""), fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # the top 3% for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)
