@@ -427,8 +427,8 @@ def run(smoke: bool = False) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     rows: dict[str, float] = {}
     skipped: dict[str, str] = {}
-    actor = ray.remote(Plain)
-    plain = [actor.remote() for _ in range(sizes.plain_actors)]
+    actor: Any = ray.remote(Plain)
+    plain: list[Any] = [actor.remote() for _ in range(sizes.plain_actors)]
     if not sizes.ensemble_unoptimized:
         skipped["ensemble: pipeline_ir, optimize=False"] = "smoke run: six more actors to start"
     if not sizes.idle_channels:
@@ -440,13 +440,14 @@ def run(smoke: bool = False) -> dict[str, Any]:
 
     try:
         ray.get([a.pid.remote() for a in plain])
-        for name, section in (
+        sections: list[tuple[str, Callable[[], dict[str, float]]]] = [
             ("idle", lambda: idle(ray, plain[0], sizes)),
             ("throughput", lambda: throughput(ray, plain, sizes)),
             ("ensemble", lambda: ensemble(ray, plain, sizes)),
             ("batching", lambda: batching(sizes)),
             ("flood", lambda: flood(sizes)),
-        ):
+        ]
+        for name, section in sections:
             start = time.perf_counter()
             try:
                 rows.update(section())
