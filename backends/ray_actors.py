@@ -2,10 +2,14 @@
 
 At deploy, every ACTORS step, or ACTORS fused group, gets a `Pool` of
 `num_replicas` `Replica` actors. A replica hosts one unit (backends/
-worker.py): it builds the step objects in its constructor (class steps run
-`__init__` once per replica, with their init args) and then runs calls one
-at a time, in order. deploy() returns once every replica is ready, so a
-constructor's exception fails deploy() as a StepError naming the step.
+worker.py): it builds the step objects in its first call, `ready()` (class
+steps run `__init__` once per replica, with their init args) and then runs
+calls one at a time, in order. deploy() returns once every replica is
+ready, so a constructor's exception fails deploy() as a StepError naming
+the step; replicas not ready within `deploy_timeout_s` fail it as a
+PipelineTimeoutError saying, per replica, whether Ray has started its
+process (`where()` answered: the constructor is still running) or not
+(it waits for resources), and every actor started is killed.
 
 Generated code submits through the pool, which routes each call to the
 replica with the fewest calls in flight (ties go round-robin, so a pool
@@ -29,6 +33,10 @@ for later calls; its calls in flight fail, none is retried
 (briefly) until the processes on this machine are gone.
 
 Placement follows the IR: resources per replica and the `colocate` label.
+Whether the replicas fit was decided before anything starts (the place
+pass); a label's first replica goes where Ray puts it, and the rest of
+the label's units prefer that node while it has room, and run elsewhere
+when it has none (ray_runtime.Colocation).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,45 +54,68 @@ import ray
 
 from pipeline_ir.backends import calls, ray_runtime
 from pipeline_ir.backends.ray_channels import Channel
-from pipeline_ir.backends.ray_runtime import colocate_strategy, resource_options, submit_expr
+from pipeline_ir.backends.ray_runtime import Colocation, resource_options, submit_expr
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.backends.worker import Unit, shippable
 from pipeline_ir.bindings import Bindings
-from pipeline_ir.errors import StepError
+from pipeline_ir.errors import PipelineTimeoutError, StepError
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Fused
+from pipeline_ir.options import DeployOptions
 
 # How long close() waits for killed replicas on this machine to exit.
 _EXIT_WAIT_S = 5.0
 
 
 class Replica:
-    """One actor of a pool: hosts a unit and runs its calls."""
+    """One actor of a pool: hosts a unit and runs its calls.
+
+    The unit is built by `ready()`, the first call the pool sends, not in
+    the actor's constructor: `where()`, sent before it, answers as soon as
+    the process is up, so a deploy that times out can tell a replica Ray
+    has not started (waiting for resources) from one whose constructor is
+    still running."""
 
     def __init__(self, unit: Unit) -> None:
         self.unit = unit
         self.error: StepError | None = None
+        self._built = False
+        self._building = threading.Lock()
         # Calls come as actor tasks and, for channel units, also from the
         # compiled graph's loop thread: one at a time all the same.
         self._one_at_a_time = threading.Lock()
-        try:
-            unit.build()
-        except StepError as e:
-            # Kept and raised by ready() and call(): an exception escaping an
-            # actor constructor would reach the caller as a bare ActorDiedError.
-            self.error = shippable(e)
 
-    def ready(self) -> tuple[int, str, str]:
-        """This replica's pid, Ray node id and Ray actor id, once it is built."""
-        if self.error is not None:
-            raise self.error
+    def where(self) -> tuple[int, str, str]:
+        """This replica's pid, Ray node id and Ray actor id."""
         context = ray.get_runtime_context()
         actor_id = context.get_actor_id()
         assert actor_id is not None  # this runs in an actor
         return os.getpid(), context.get_node_id(), actor_id
 
+    def _build(self) -> None:
+        """Build the unit once (class steps run `__init__`)."""
+        with self._building:
+            if self._built:
+                return
+            try:
+                self.unit.build()
+            except StepError as e:
+                # Kept and raised by ready() and call(): the replica lives on
+                # to say why, rather than dying as a bare ActorDiedError.
+                self.error = shippable(e)
+            self._built = True
+
+    def ready(self) -> tuple[int, str, str]:
+        """Build the unit; then this replica's pid, node and actor id."""
+        self._build()
+        if self.error is not None:
+            raise self.error
+        return self.where()
+
     def call(self, node_id: int, *args: object, **kwargs: object) -> object:
         """Run the unit as node `node_id`."""
+        if not self._built:
+            self._build()  # a threaded replica may take a call before ready()
         if self.error is not None:
             raise self.error
         with self._one_at_a_time:
@@ -111,6 +142,7 @@ class _Slot:
     index: int
     handle: Any
     ready_ref: Any
+    up_ref: Any = None  # where(): answered once the process is up, before the unit is built
     actor_id: str | None = None  # known once the replica is up (ready())
     pid: int | None = None
     node: str | None = None
@@ -137,6 +169,9 @@ class Pool:
         self._next = 0  # where the round-robin tie-break starts
         self._lock = threading.Lock()
         self._compiling = threading.Lock()  # one channel compiled at a time
+        # Ray options of each replica started from now on: where its
+        # colocate label points then (set by ActorLauncher).
+        self.affinity: Callable[[], dict[str, object]] = dict
 
     def start(self, count: int | None = None) -> None:
         """Start replicas until the pool has `count` (default: all)."""
@@ -144,8 +179,9 @@ class Pool:
             self.slots.append(self._spawn(len(self.slots)))
 
     def _spawn(self, index: int) -> _Slot:
-        handle = _RemoteReplica.options(**self.options).remote(self.unit)
-        slot = _Slot(index, handle, handle.ready.remote())
+        handle = _RemoteReplica.options(**self.options, **self.affinity()).remote(self.unit)
+        up = handle.where.remote()  # sent first: the actor runs them in order
+        slot = _Slot(index, handle, handle.ready.remote(), up)
         # The future keeps the ref alive until Ray runs the callback.
         slot.ready_ref.future().add_done_callback(functools.partial(self._on_up, slot))
         return slot
@@ -172,19 +208,26 @@ class Pool:
         info = ray_runtime.ReplicaInfo(self.unit.label, self.node_ids, slot.index, pid, functools.partial(self._mark_dead, slot))
         ray_runtime.register_replica(actor_id, info)
 
-    def wait_ready(self) -> None:
-        """Block until every replica is built; record pids and nodes."""
-        slots = [s for s in self.slots if s.pid is None]
-        try:
-            placed = ray.get([s.ready_ref for s in slots])
-        except ray.exceptions.RayError as e:
-            error = ray_runtime.step_error(e, self.unit.graph, self.node_ids[0])
-        else:
-            # The callbacks may not have run yet: record here too (once).
-            for slot, (pid, node, actor_id) in zip(slots, placed):
+    def wait_ready(self, deadline: float | None = None) -> None:
+        """Block until every replica is built; record pids and nodes. Past
+        `deadline` (time.monotonic()), raise PipelineTimeoutError naming
+        the replicas not ready, and what they wait for."""
+        pending = {s.ready_ref: s for s in self.slots if s.pid is None}
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            if not done:
+                raise not_ready(self, list(pending.values()))
+            slot = pending.pop(done[0])
+            try:
+                pid, node, actor_id = ray.get(done[0])
+            except ray.exceptions.RayError as e:
+                error = ray_runtime.step_error(e, self.unit.graph, self.node_ids[0])
+            else:
+                # The callback may not have run yet: record here too (once).
                 self._record(slot, pid, node, actor_id)
-            return
-        raise error
+                continue
+            raise error
 
     def _mark_dead(self, slot: _Slot) -> None:
         with self._lock:
@@ -326,16 +369,53 @@ class Pool:
 
 
 def _learn_placement(slot: _Slot) -> None:
-    """Fill in the pid and node of a replica started after deploy (a
-    replacement) if it is up by now, without waiting for it."""
-    if slot.pid is not None:
+    """Fill in the pid and node of a replica not known to be ready (a
+    replacement, or one a deploy gave up on) if its process is up by now,
+    without waiting for it."""
+    if slot.pid is not None or slot.up_ref is None:
         return
-    ready, _ = ray.wait([slot.ready_ref], timeout=0)
-    if ready:
+    up, _ = ray.wait([slot.up_ref], timeout=0)
+    if up:
         try:
-            slot.pid, slot.node, slot.actor_id = ray.get(ready[0])
+            slot.pid, slot.node, _actor = ray.get(up[0])
         except ray.exceptions.RayError:
             pass  # it failed to start: no process to wait for
+
+
+def not_ready(pool: Pool, slots: list[_Slot]) -> PipelineTimeoutError:
+    """The error of a deploy whose `slots` of `pool` were not ready in
+    time: for each, whether Ray has started its process (its constructor
+    is running) or not (waiting for resources)."""
+    building: list[str] = []
+    waiting: list[str] = []
+    for slot in slots:
+        up = [] if slot.up_ref is None else ray.wait([slot.up_ref], timeout=0)[0]
+        if up:
+            try:
+                pid, node, _actor = ray.get(up[0])
+            except ray.exceptions.RayError:
+                waiting.append(str(slot.index))
+                continue
+            building.append(f"{slot.index} (pid {pid} on node {node[:8]})")
+        else:
+            waiting.append(str(slot.index))
+    label = pool.unit.label
+    parts = []
+    if building:
+        parts.append(f"replica {', '.join(building)} still running its constructor")
+    if waiting:
+        needs = ", ".join(f"{k}={v}" for k, v in pool.options.items() if k in ("num_cpus", "num_gpus")) or "Ray's default"
+        parts.append(
+            f"replica {', '.join(waiting)} not started by Ray: it waits for resources ({needs} per replica) "
+            "no node has free, or for its worker process"
+        )
+    return PipelineTimeoutError(
+        f"deploy(): step {label!r} was not ready within deploy_timeout_s: " + "; ".join(parts)
+        + ". Every actor the deploy started was stopped. Make the constructor return sooner, free or add "
+        "resources, or deploy(deploy_timeout_s=...) to wait longer",
+        step_name=label,
+        node_id=pool.node_ids[0],
+    )
 
 
 def _wait_exit(pids: list[int]) -> None:
@@ -358,14 +438,40 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _wait_up(pool: Pool, deadline: float) -> None:
+    """Wait until the pool's first replica has a process (not until it is
+    built: constructors of every pool run at once), and note its node."""
+    slot = pool.slots[0]
+    up, _ = ray.wait([slot.up_ref], timeout=max(0.0, deadline - time.monotonic()))
+    if not up:
+        raise not_ready(pool, [slot])
+    try:
+        _pid, slot.node, _actor = ray.get(up[0])
+    except ray.exceptions.RayError as e:
+        error = ray_runtime.step_error(e, pool.unit.graph, pool.node_ids[0])
+        raise error from None
+
+
+def _live_node(pool: Pool) -> str | None:
+    """The node of a live replica of `pool` (None while none is known):
+    where a colocate label anchored on the pool points now."""
+    for slot in list(pool.slots):
+        if not slot.dead and slot.node is not None:
+            return slot.node
+    return None
+
+
 class ActorLauncher:
     """Starts the replica pools of a graph and spells calls into them."""
 
     remote = True
 
-    def __init__(self, graph: Graph, bindings: Bindings, colocation: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, graph: Graph, bindings: Bindings, colocation: Colocation | None = None, options: DeployOptions | None = None
+    ) -> None:
         self.graph = graph
-        self.colocation = {} if colocation is None else colocation
+        self.colocation = Colocation() if colocation is None else colocation
+        self.options = DeployOptions() if options is None else options
         self.pools: dict[str | int, Pool] = {}
         try:
             self._start(bindings)
@@ -374,21 +480,24 @@ class ActorLauncher:
             raise
 
     def _start(self, bindings: Bindings) -> None:
+        """Start every pool, then wait (until `deploy_timeout_s` is spent)
+        for every replica to be built. Whether they fit was decided before
+        (the place pass); here they are only started."""
+        deadline = time.monotonic() + self.options.deploy_timeout_s
         ray_runtime.ship_code(b.target for b in bindings.steps.values())
         for key, unit, size, options, label, channel in self._units(bindings):
-            ray_runtime.check_feasible(unit.label, options, "replica")
             pool = self.pools[key] = Pool(unit, size, {"max_restarts": 0, "max_task_retries": 0, **options}, channel)
-            if label is not None and label not in self.colocation:
-                # The first replica with a label picks the node; the rest follow it.
-                pool.start(1)
-                pool.wait_ready()
-                node = pool.slots[0].node
-                assert node is not None
-                self.colocation[label] = node
-            pool.options.update(colocate_strategy(label, self.colocation))
+            if label is not None:
+                if label not in self.colocation:
+                    # The label's first replica goes where Ray puts it; the
+                    # label then follows this pool's live replicas.
+                    pool.start(1)
+                    _wait_up(pool, deadline)
+                    self.colocation.follow(label, functools.partial(_live_node, pool))
+                pool.affinity = functools.partial(self.colocation.options, label)
             pool.start()
         for pool in self.pools.values():
-            pool.wait_ready()
+            pool.wait_ready(deadline)
             if pool.uses_channel:
                 pool.open_channel()
 
