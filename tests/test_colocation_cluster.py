@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,11 @@ TIMEOUT_S = 150
 @cache
 def seen() -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k not in ("PIPELINE_IR_BACKEND", "RAY_ADDRESS")}
+    # Its own Ray temp dir: `Cluster` writes its address to
+    # RAY_TMPDIR/ray/ray_current_cluster, where any other process's plain
+    # ray.init() on this machine would find it and join this cluster.
+    tmp = tempfile.mkdtemp(prefix="pir")
+    env["RAY_TMPDIR"] = tmp
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT)], cwd=SCRIPT.parent.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -38,6 +45,8 @@ def seen() -> dict[str, Any]:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"the 3-node cluster scenario did not finish in {TIMEOUT_S} s:\n{out[-3000:]}\n{err[-3000:]}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         pytest.fail(f"the 3-node cluster scenario failed (exit {proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}")
