@@ -402,11 +402,11 @@ def not_ready(pool: Pool, slots: list[_Slot]) -> PipelineTimeoutError:
     label = pool.unit.label
     parts = []
     if building:
-        parts.append(f"replica {', '.join(building)} still running its constructor")
+        parts.append(f"{_replicas(building)} still running its constructor")
     if waiting:
-        needs = ", ".join(f"{k}={v}" for k, v in pool.options.items() if k in ("num_cpus", "num_gpus")) or "Ray's default"
+        needs = ", ".join(f"{k}={v:g}" for k, v in pool.options.items() if k in ("num_cpus", "num_gpus"))
         parts.append(
-            f"replica {', '.join(waiting)} not started by Ray: it waits for resources ({needs} per replica) "
+            f"{_replicas(waiting)} not started by Ray: it waits for resources ({needs or 'CPU=1 to start'} per replica) "
             "no node has free, or for its worker process"
         )
     return PipelineTimeoutError(
@@ -416,6 +416,10 @@ def not_ready(pool: Pool, slots: list[_Slot]) -> PipelineTimeoutError:
         step_name=label,
         node_id=pool.node_ids[0],
     )
+
+
+def _replicas(which: list[str]) -> str:
+    return f"replica{'' if len(which) == 1 else 's'} {', '.join(which)}"
 
 
 def _wait_exit(pids: list[int]) -> None:

@@ -64,7 +64,7 @@ def test_a_replica_waiting_for_resources_says_so(ray_session: Any) -> None:
             OnGpu()(pipeline.INPUT).deploy(deploy_timeout_s=2, check_resources="total")
         assert str(err.value).startswith(
             "deploy(): step 'OnGpu' was not ready within deploy_timeout_s: replica 0 not started by Ray: "
-            "it waits for resources (num_gpus=1.0 per replica) no node has free, or for its worker process."
+            "it waits for resources (num_gpus=1 per replica) no node has free, or for its worker process."
         )
     finally:
         ray_session.kill(holder)
