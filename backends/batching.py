@@ -47,7 +47,7 @@ class Batcher:
 
     def __init__(
         self,
-        fn: Callable[[list[Any]], Sequence[Any]],
+        fn: Callable[..., object],
         max_batch_size: int,
         wait_s: float,
         label: str,
@@ -152,7 +152,7 @@ class _ContractError(Exception):
         self.error = error
 
 
-def one_at_a_time(fn: Callable[[list[Any]], Sequence[Any]]) -> Callable[[object], object]:
+def one_at_a_time(fn: Callable[..., object]) -> Callable[[object], object]:
     """A batched step's callable run on single items (LOCAL and TASKS, and
     `compile(backend=...)` forcing a batched step there): a batch of one."""
 

@@ -12,6 +12,9 @@ concurrent calls (threads, asyncio tasks) each see their own:
   on expiry raise `PipelineTimeoutError` naming the first step of the call
   still unfinished: work is submitted in program order, so that is the
   step everything after it waits on;
+- a ref of an idempotent step comes with a way to send its call again:
+  a fetch that finds its replica dead retries it (ray_runtime.py), at most
+  `max_retries` times;
 - when a call ends without its result (an error, a deadline, asyncio
   cancelling it), `cancel_unfinished()` cancels what it left running, so an
   abandoned call never keeps workers busy behind the next one.
@@ -31,7 +34,12 @@ from typing import Any
 from pipeline_ir.errors import PipelineTimeoutError
 
 # cancel(ref, force): force when the pipeline shuts down (work must end).
-Cancel = Callable[[Any, bool], None]
+# It may return what to do if the ref is still running a moment later.
+Cancel = Callable[[Any, bool], "Callable[[], None] | None"]
+Retry = Callable[[], Any]
+
+# How long a cancelled call may take to be dropped before it counts as running.
+_RUNNING_PROBE_S = 0.05
 
 
 @dataclass(eq=False)  # identity: a Program keeps its live calls in a set
@@ -41,6 +49,10 @@ class CallState:
     deadline: float | None = None  # time.monotonic() value
     timeout: float | None = None  # as the caller gave it, for messages
     refs: list[tuple[Any, int, Cancel]] = field(default_factory=list)
+    # ref id -> how to send that call again (idempotent steps), once each
+    retries: dict[int, Retry] = field(default_factory=dict)
+    # node id -> when its remote result was ready (stats.py reads it)
+    ready: dict[int, float] = field(default_factory=dict)
 
     def remaining(self) -> float | None:
         """Seconds left before the deadline (never negative), or None."""
@@ -59,6 +71,12 @@ class CallState:
         done = {id(r) for r in ready}
         return [entry for entry in self.refs if id(entry[0]) not in done]
 
+    def retry(self, ref: Any) -> Any | None:
+        """A new ref computing what `ref` did, if its call may be sent
+        again (an idempotent step whose replica died), else None."""
+        again = self.retries.pop(id(ref), None)
+        return None if again is None else again()
+
     def cancel_unfinished(self, force: bool = False) -> None:
         """Cancel every tracked ref still running or queued (`force`: at
         shutdown, end running work by any means)."""
@@ -66,11 +84,26 @@ class CallState:
             left = self.unfinished()
         except Exception:
             return  # Ray is gone (shutdown): nothing left to cancel
+        followups: list[tuple[Any, Callable[[], None]]] = []
         for ref, _, cancel in left:
             try:
-                cancel(ref, force)
+                then = cancel(ref, force)
             except Exception:
-                pass  # finished or lost meanwhile
+                continue  # finished or lost meanwhile
+            if then is not None:
+                followups.append((ref, then))
+        if not followups or force:
+            return
+        # A queued call is dropped at once; one still unfinished a moment
+        # later is running, and its replica must take no new calls.
+        import ray
+
+        refs = [r for r, _ in followups]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=_RUNNING_PROBE_S, fetch_local=False)
+        done = {id(r) for r in ready}
+        for ref, then in followups:
+            if id(ref) not in done:
+                then()
 
 
 _CURRENT: contextvars.ContextVar[CallState | None] = contextvars.ContextVar("pipeline_ir_call", default=None)
@@ -91,11 +124,14 @@ def end(token: contextvars.Token[CallState | None]) -> None:
     _CURRENT.reset(token)
 
 
-def track(ref: Any, node_id: int, cancel: Cancel) -> None:
-    """Record a submitted ref of the running call (no-op outside one)."""
+def track(ref: Any, node_id: int, cancel: Cancel, retry: Retry | None = None) -> None:
+    """Record a submitted ref of the running call (no-op outside one);
+    `retry` sends the same call again and returns its new ref."""
     state = _CURRENT.get()
     if state is not None:
         state.refs.append((ref, node_id, cancel))
+        if retry is not None:
+            state.retries[id(ref)] = retry
 
 
 def timeout_error(state: CallState, label_of: Callable[[int], str], fallback_node: int | None) -> PipelineTimeoutError:

@@ -33,6 +33,17 @@ def instantiate(graph: Graph, key: str, binding: StepBinding) -> Callable[..., o
     return instance
 
 
+def single_items(graph: Graph, key: str, obj: Callable[..., object]) -> Callable[..., object]:
+    """How a call site calls step `key`: a batched step's callable takes a
+    list, so outside a batching replica (LOCAL, TASKS, a forced backend)
+    each call is a batch of one (backends/batching.py)."""
+    if graph.step(key).placement.batching is None:
+        return obj
+    from pipeline_ir.backends.batching import one_at_a_time
+
+    return one_at_a_time(obj)
+
+
 class LocalLauncher:
     """Calls steps in this process. Class steps are instantiated once, here."""
 
@@ -40,7 +51,7 @@ class LocalLauncher:
 
     def __init__(self, graph: Graph, steps: Mapping[str, StepBinding], keys: Iterable[str]) -> None:
         self.objects: dict[str, Callable[..., object]] = {
-            key: instantiate(graph, key, steps[key]) for key in keys
+            key: single_items(graph, key, instantiate(graph, key, steps[key])) for key in keys
         }
 
     def callee(self, node: Call | Fused) -> object:

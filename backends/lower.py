@@ -44,6 +44,7 @@ class Program:
     stats: PipelineStats
     closers: list[Callable[[], None]] = field(default_factory=list)
 
+    launchers: dict[Mode, Launcher] = field(default_factory=dict)
     timed_code: PythonCode | None = None
     timed_async_code: PythonCode | None = None
     live: set[calls.CallState] = field(default_factory=set)  # Ray calls running now
@@ -107,6 +108,13 @@ class Program:
                 self.live.discard(state)
                 calls.end(token)
 
+    def update(self, key: str, bindings: Bindings) -> None:
+        """Rebuild class step `key`'s actor replicas from `bindings`."""
+        actors = self.launchers.get("actors")
+        if actors is None or not hasattr(actors, "update"):
+            raise AssertionError("update() reached a program without actor pools")
+        actors.update(key, bindings)
+
     def close(self) -> None:
         """Cancel the calls still running, then release every resource
         (actors); idempotent."""
@@ -158,13 +166,13 @@ def lower(graph: Graph, bindings: Bindings, options: DeployOptions | None = None
         if "actors" in used:
             from pipeline_ir.backends.ray_actors import ActorLauncher
 
-            actors = ActorLauncher(graph, bindings, colocation, options)
+            actors = ActorLauncher(graph, bindings, colocation, stats, options)
             closers.append(actors.close)
             launchers["actors"] = actors
         if "tasks" in used:
             from pipeline_ir.backends.ray_tasks import TaskLauncher
 
-            launchers["tasks"] = TaskLauncher(graph, bindings, colocation)
+            launchers["tasks"] = TaskLauncher(graph, bindings, colocation, stats)
         consts = bindings.constants
         code = generate(graph, launchers, consts, runtime, probes=stats)
         async_code = generate(graph, launchers, consts, runtime, is_async=True, probes=stats)
@@ -182,5 +190,5 @@ def lower(graph: Graph, bindings: Bindings, options: DeployOptions | None = None
     if uses_ray:
         export_stats(stats, graph.name)
     return Program(
-        graph, run, arun, run_timed, arun_timed, code, async_code, uses_ray, stats, closers, timed_code, timed_async
+        graph, run, arun, run_timed, arun_timed, code, async_code, uses_ray, stats, closers, launchers, timed_code, timed_async
     )

@@ -1,15 +1,16 @@
 """The ACTORS backend: each remote step (or fused group) is a pool of actors.
 
 At deploy, every ACTORS step, or ACTORS fused group, gets a `Pool` of
-`num_replicas` `Replica` actors. A replica hosts one unit (backends/
-worker.py): it builds the step objects in its first call, `ready()` (class
-steps run `__init__` once per replica, with their init args) and then runs
-calls one at a time, in order. deploy() returns once every replica is
-ready, so a constructor's exception fails deploy() as a StepError naming
-the step; replicas not ready within `deploy_timeout_s` fail it as a
-PipelineTimeoutError saying, per replica, whether Ray has started its
-process (`where()` answered: the constructor is still running) or not
-(it waits for resources), and every actor started is killed.
+`num_replicas` `Replica` actors (replica.py). A replica hosts one unit
+(backends/worker.py): it builds the step objects in its first call,
+`ready()` (class steps run `__init__` once per replica, with their init
+args) and then runs calls one at a time. deploy() returns once every
+replica is ready, so a constructor's exception fails deploy() as a
+StepError naming the step; replicas not ready within `deploy_timeout_s`
+fail it as a PipelineTimeoutError saying, per replica, whether Ray has
+started its process (`where()` answered: the constructor is still
+running) or not (it waits for resources), and every actor started is
+killed.
 
 Generated code submits through the pool, which routes each call to the
 replica with the fewest calls in flight (ties go round-robin, so a pool
@@ -56,83 +57,19 @@ from pipeline_ir.backends import calls, ray_runtime
 from pipeline_ir.backends.ray_channels import Channel
 from pipeline_ir.backends.ray_runtime import Colocation, resource_options, submit_expr
 from pipeline_ir.backends.serialization import ensure_registered
-from pipeline_ir.backends.worker import Unit, shippable
+from pipeline_ir.backends.replica import RemoteReplica, call_concurrency
+from pipeline_ir.backends.stats import PipelineStats
+from pipeline_ir.backends.stats import unit_key as stats_unit_key
+from pipeline_ir.backends.health import HealthMonitor
+from pipeline_ir.backends.worker import Unit, unit_keys
 from pipeline_ir.bindings import Bindings
-from pipeline_ir.errors import PipelineTimeoutError, StepError
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Fused
+from pipeline_ir.errors import PipelineTimeoutError
 from pipeline_ir.options import DeployOptions
 
 # How long close() waits for killed replicas on this machine to exit.
 _EXIT_WAIT_S = 5.0
-
-
-class Replica:
-    """One actor of a pool: hosts a unit and runs its calls.
-
-    The unit is built by `ready()`, the first call the pool sends, not in
-    the actor's constructor: `where()`, sent before it, answers as soon as
-    the process is up, so a deploy that times out can tell a replica Ray
-    has not started (waiting for resources) from one whose constructor is
-    still running."""
-
-    def __init__(self, unit: Unit) -> None:
-        self.unit = unit
-        self.error: StepError | None = None
-        self._built = False
-        self._building = threading.Lock()
-        # Calls come as actor tasks and, for channel units, also from the
-        # compiled graph's loop thread: one at a time all the same.
-        self._one_at_a_time = threading.Lock()
-
-    def where(self) -> tuple[int, str, str]:
-        """This replica's pid, Ray node id and Ray actor id."""
-        context = ray.get_runtime_context()
-        actor_id = context.get_actor_id()
-        assert actor_id is not None  # this runs in an actor
-        return os.getpid(), context.get_node_id(), actor_id
-
-    def _build(self) -> None:
-        """Build the unit once (class steps run `__init__`)."""
-        with self._building:
-            if self._built:
-                return
-            try:
-                self.unit.build()
-            except StepError as e:
-                # Kept and raised by ready() and call(): the replica lives on
-                # to say why, rather than dying as a bare ActorDiedError.
-                self.error = shippable(e)
-            self._built = True
-
-    def ready(self) -> tuple[int, str, str]:
-        """Build the unit; then this replica's pid, node and actor id."""
-        self._build()
-        if self.error is not None:
-            raise self.error
-        return self.where()
-
-    def call(self, node_id: int, *args: object, **kwargs: object) -> object:
-        """Run the unit as node `node_id`."""
-        if not self._built:
-            self._build()  # a threaded replica may take a call before ready()
-        if self.error is not None:
-            raise self.error
-        with self._one_at_a_time:
-            return self.unit(node_id, *args, **kwargs)
-
-    def call_packed(self, payload: tuple[int, tuple[object, ...], dict[str, object]]) -> object:
-        """`call` with its arguments in one value, as a compiled graph sends them."""
-        node_id, args, kwargs = payload
-        return self.call(node_id, *args, **kwargs)
-
-    def __repr__(self) -> str:
-        # Ray prefixes the actor's log lines with this: kept ASCII, as Ray
-        # encodes some of what it names after user code as ASCII.
-        return f"Replica({ascii(self.unit.label)[1:-1]})"
-
-
-_RemoteReplica: Any = ray.remote(Replica)
 
 
 @dataclass
@@ -149,14 +86,32 @@ class _Slot:
     in_flight: int = 0
     dead: bool = False
     replaced: bool = False
+    why: str | None = None  # why the pool ended it (health check, abandoned call)
+    draining: int = 0  # abandoned calls it still runs: it takes no new calls
 
 
 class Pool:
     """The replicas of one unit, and least-loaded routing over them."""
 
-    def __init__(self, unit: Unit, size: int, options: Mapping[str, object], channel: bool = False) -> None:
+    def __init__(
+        self,
+        unit: Unit,
+        size: int,
+        options: Mapping[str, object],
+        channel: bool = False,
+        stats: PipelineStats | None = None,
+        policy: DeployOptions | None = None,
+    ) -> None:
         self.unit = unit
         self.size = size
+        self.stats = stats
+        self.policy = policy if policy is not None else DeployOptions()
+        self.idempotent = unit.graph.unit_placement(unit.node).idempotent
+        # Calls given up on while running here: (ref, slot, when the grace ends).
+        self.abandoned: list[tuple[Any, _Slot, float]] = []
+        # Replicas an update() replaced, finishing the calls they had.
+        self.retired: list[_Slot] = []
+        self._ended: list[str] = []  # actor ids of replicas replaced since deploy
         self.uses_channel = channel
         self.channel: Channel | None = None
         self.options = dict(options)
@@ -178,9 +133,19 @@ class Pool:
         for _ in range((count or self.size) - len(self.slots)):
             self.slots.append(self._spawn(len(self.slots)))
 
-    def _spawn(self, index: int) -> _Slot:
-        handle = _RemoteReplica.options(**self.options, **self.affinity()).remote(self.unit)
-        up = handle.where.remote()  # sent first: the actor runs them in order
+    def _spawn(self, index: int, unit: Unit | None = None) -> _Slot:
+        unit = unit if unit is not None else self.unit
+        # Out of order: a call whose input is not ready yet must not hold
+        # back the calls (and health checks) sent after it (Ray otherwise
+        # runs a one-thread actor's tasks in submission order).
+        options = {
+            **self.options,
+            **self.affinity(),
+            "max_concurrency": call_concurrency(unit),
+            "allow_out_of_order_execution": True,
+        }
+        handle = RemoteReplica.options(**options).remote(unit)
+        up = handle.where.remote()  # on the control thread: answers before the unit is built
         slot = _Slot(index, handle, handle.ready.remote(), up)
         # The future keeps the ref alive until Ray runs the callback.
         slot.ready_ref.future().add_done_callback(functools.partial(self._on_up, slot))
@@ -205,7 +170,9 @@ class Pool:
             if self.closed or slot.replaced or slot.actor_id is not None:
                 return
             slot.pid, slot.node, slot.actor_id = pid, node, actor_id
-        info = ray_runtime.ReplicaInfo(self.unit.label, self.node_ids, slot.index, pid, functools.partial(self._mark_dead, slot))
+        info = ray_runtime.ReplicaInfo(
+            self.unit.label, self.node_ids, slot.index, pid, functools.partial(self._mark_dead, slot), lambda: slot.why
+        )
         ray_runtime.register_replica(actor_id, info)
 
     def wait_ready(self, deadline: float | None = None) -> None:
@@ -241,8 +208,10 @@ class Pool:
                 slot.replaced = True
         # Outside the lock: creating an actor ships the unit through Ray.
         for slot in dead:
+            # Its registry entry stays until close(): calls that read its
+            # results fail later, and must still name its step.
             if slot.actor_id is not None:
-                ray_runtime.forget_replica(slot.actor_id)
+                self._ended.append(slot.actor_id)
             ray.kill(slot.handle)  # to be sure: an actor reported dead may be a hung one
             new = self._spawn(slot.index)
             with self._lock:
@@ -258,8 +227,8 @@ class Pool:
         best: _Slot | None = None
         for k in range(n):
             slot = self.slots[(self._next + k) % n]
-            if slot.dead:
-                continue  # being replaced by another caller right now
+            if slot.dead or slot.draining:
+                continue  # being replaced, or busy with an abandoned call
             if best is None or slot.in_flight < best.in_flight:
                 best = slot
                 if slot.in_flight == 0:
@@ -274,28 +243,170 @@ class Pool:
         returns the call's ObjectRef."""
         ensure_registered()  # torch may have been imported since deploy
         self._replace_dead()
+        return self._submit(node_id, args, kwargs, self.policy.max_retries)
+
+    def _submit(self, node_id: int, args: tuple[object, ...], kwargs: dict[str, object], retries_left: int) -> Any:
         with self._lock:
             if self.closed:
                 raise RuntimeError(f"the replicas of step {self.unit.label!r} were shut down")
             slot = self._pick()
             slot.in_flight += 1
+        state = calls.current()
+        started = self.stats.submitted(node_id) if self.stats is not None else 0.0
         # Submitted outside the lock: Ray's callback thread takes it in
         # _done(), and submitting may wait on Ray (storing a large argument).
         try:
             ref = slot.handle.call.remote(node_id, *args, **kwargs)
         except BaseException:
-            self._done(slot)  # e.g. an argument that cannot be pickled
+            self._done(slot, node_id, started, state, None)  # e.g. an argument that cannot be pickled
             raise
         # The future keeps the ref alive until the callback has run, and
         # may run it at once, in this thread: never under the lock.
-        ref.future().add_done_callback(lambda _future: self._done(slot))
-        calls.track(ref, node_id, self.abandon)
+        ref.future().add_done_callback(functools.partial(self._done, slot, node_id, started, state))
+        retry = None
+        if self.idempotent and retries_left > 0:
+            # A call lost with its replica runs again on another one.
+            retry = functools.partial(self._resubmit, node_id, args, kwargs, retries_left - 1)
+        calls.track(ref, node_id, functools.partial(self.abandon, slot), retry)
         return ref
 
-    def abandon(self, ref: Any, force: bool = False) -> None:
+    def _resubmit(self, node_id: int, args: tuple[object, ...], kwargs: dict[str, object], retries_left: int) -> Any:
+        self._replace_dead()
+        return self._submit(node_id, args, kwargs, retries_left)
+
+    def abandon(self, slot: _Slot, ref: Any, force: bool = False) -> Callable[[], None] | None:
         """A call gave up on `ref` (deadline, error elsewhere, cancelled):
-        drop it if still queued. Ray cannot interrupt a running actor call."""
+        dropped if still queued. Ray cannot interrupt a running actor call:
+        if it still runs a moment later (the returned follow-up), its
+        replica takes no new calls, and is replaced if still busy after
+        `abandon_grace_s` (health.py): the next call must not wait behind
+        an abandoned one."""
         ray.cancel(ref)
+        if force:
+            return None
+        return functools.partial(self._drain_for, slot, ref)
+
+    def _drain_for(self, slot: _Slot, ref: Any) -> None:
+        with self._lock:
+            if self.closed or slot.dead:
+                return
+            self.abandoned.append((ref, slot, time.monotonic() + self.policy.abandon_grace_s))
+            slot.draining += 1
+            # Nowhere else to send calls: a fresh replica takes its place now.
+            alone = slot in self.slots and all(s.dead or s.draining for s in self.slots)
+        if alone:
+            self._retire(slot)
+
+    def _retire(self, slot: _Slot) -> None:
+        """Put a fresh replica in `slot`'s place; `slot` keeps its calls."""
+        new = self._spawn(slot.index)
+        with self._lock:
+            if not self.closed and self.slots[slot.index] is slot:
+                self.slots[slot.index] = new
+                self.retired.append(slot)
+                return
+        ray.kill(new.handle)
+
+    def swap(self, unit: Unit, timeout_s: float) -> None:
+        """Hot swap: start replicas of `unit`, wait until every one is
+        built, then route new calls to them; the old replicas drain (finish
+        what they have) and end. A new replica failing its constructor
+        ends the new ones and raises, leaving the old ones serving."""
+        fresh = [self._spawn(i, unit) for i in range(self.size)]
+        try:
+            placed = ray.get([s.ready_ref for s in fresh], timeout=timeout_s)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+            for s in fresh:
+                ray.kill(s.handle)
+            if isinstance(e, ray.exceptions.GetTimeoutError):
+                raise PipelineTimeoutError(
+                    f"update(): the new replicas of step {self.unit.label!r} were not ready within {timeout_s:g} s "
+                    "(deploy_timeout_s); the old replicas keep serving",
+                    step_name=self.unit.label,
+                ) from None
+            error = ray_runtime.step_error(e, self.unit.graph, self.node_ids[0])
+            raise error from None
+        for slot, (pid, node, actor_id) in zip(fresh, placed):
+            self._record(slot, pid, node, actor_id)
+        channel = None
+        with self._lock:
+            old, self.slots = self.slots, fresh
+            self.unit = unit
+            self.retired.extend(old)
+            channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.close()
+        if self.uses_channel:
+            self.open_channel()
+        threading.Thread(target=self._drain, args=(old,), name="pipeline_ir-drain", daemon=True).start()
+
+    def _drain(self, old: list[_Slot]) -> None:
+        """End replaced replicas once their calls are done (bounded)."""
+        deadline = time.monotonic() + max(self.policy.deploy_timeout_s, 60.0)
+        for slot in old:
+            while slot.in_flight > 0 and time.monotonic() < deadline and not self.closed:
+                time.sleep(0.01)
+            with self._lock:
+                if slot in self.retired:
+                    self.retired.remove(slot)
+                slot.replaced = True
+            if slot.actor_id is not None:
+                ray_runtime.forget_replica(slot.actor_id)
+            if not self.closed:
+                ray.kill(slot.handle)
+
+    def live_slots(self) -> list[_Slot]:
+        """The replicas up and not known dead (for health checks)."""
+        with self._lock:
+            return [s for s in self.slots + self.retired if s.actor_id is not None and not s.dead]
+
+    def end_replica(self, slot: _Slot, why: str) -> None:
+        """End a replica that is hung, lost or stuck: its calls in flight
+        fail (or are retried, for idempotent steps) naming `why`, and a new
+        replica takes its place."""
+        with self._lock:
+            if slot.dead or self.closed:
+                return
+            slot.dead, slot.why = True, why
+        ray.kill(slot.handle)
+        if slot in self.slots:
+            self._replace_dead()
+
+    def reap_abandoned(self, now: float) -> None:
+        """End replicas still busy with a call abandoned past its grace."""
+        with self._lock:
+            due = [e for e in self.abandoned if e[2] <= now]
+            self.abandoned = [e for e in self.abandoned if e[2] > now]
+        if not due:
+            return
+        ready, _ = ray.wait([r for r, _, _ in due], num_returns=len(due), timeout=0, fetch_local=False)
+        done = {id(r) for r in ready}
+        for ref, slot, _ in due:
+            if id(ref) in done:
+                with self._lock:
+                    slot.draining -= 1  # it finished: the replica serves again
+                    back = slot.draining == 0 and slot in self.retired and not slot.dead
+                if back:
+                    self._drain_retired(slot)
+                continue
+            grace = self.policy.abandon_grace_s
+            self.end_replica(slot, f"it was still busy {grace:g} s after a call it ran was abandoned (deadline)")
+            if slot in self.retired:
+                with self._lock:
+                    if slot in self.retired:
+                        self.retired.remove(slot)
+
+    def _drain_retired(self, slot: _Slot) -> None:
+        threading.Thread(target=self._drain, args=([slot],), name="pipeline_ir-drain", daemon=True).start()
+
+    def batch_stats(self) -> dict[str, tuple[int, int]]:
+        """(items, batches) its replicas batched, for Pipeline.stats()."""
+        slots = self.live_slots()
+        if not slots:
+            return {}
+        figures = ray.get([s.handle.batch_stats.remote() for s in slots], timeout=5)
+        key = stats_unit_key(self.unit.graph, self.unit.node)
+        return {key: (sum(f[0] for f in figures), sum(f[1] for f in figures))}
 
     def submit_channel(self, node_id: int, *args: object, **kwargs: object) -> Any:
         """Run the unit as node `node_id` over the compiled graph (channel
@@ -343,21 +454,34 @@ class Pool:
                 slot.dead = True  # one replica: the one behind the channel
         channel.close()
 
-    def _done(self, slot: _Slot) -> None:
+    def _done(
+        self,
+        slot: _Slot,
+        node_id: int,
+        started: float,
+        state: calls.CallState | None,
+        future: concurrent.futures.Future[object] | None,
+    ) -> None:
         # Runs on Ray's callback thread: keep it short, never call into Ray.
         with self._lock:
             slot.in_flight -= 1
+        if self.stats is not None:
+            ok = future is not None and future.exception() is None
+            self.stats.finished(node_id, started, None if state is None else state.ready, ok)
 
     def close(self) -> list[int]:
         """Kill every replica; return the pids of those on this node."""
         with self._lock:
             self.closed = True
-            slots, self.slots = self.slots, []
+            slots, self.slots = self.slots + self.retired, []
+            self.retired = []
             channel, self.channel = self.channel, None
         if channel is not None:
             channel.close()
         here = ray.get_runtime_context().get_node_id()
         pids = []
+        for actor_id in self._ended:
+            ray_runtime.forget_replica(actor_id)
         for slot in slots:
             _learn_placement(slot)
             if slot.actor_id is not None:
@@ -402,12 +526,13 @@ def not_ready(pool: Pool, slots: list[_Slot]) -> PipelineTimeoutError:
     label = pool.unit.label
     parts = []
     if building:
-        parts.append(f"{_replicas(building)} still running its constructor")
+        parts.append(f"{_replicas(building)} still running {'its constructor' if len(building) == 1 else 'their constructors'}")
     if waiting:
         needs = ", ".join(f"{k}={v:g}" for k, v in pool.options.items() if k in ("num_cpus", "num_gpus"))
+        they = "it waits" if len(waiting) == 1 else "they wait"
         parts.append(
-            f"{_replicas(waiting)} not started by Ray: it waits for resources ({needs or 'CPU=1 to start'} per replica) "
-            "no node has free, or for its worker process"
+            f"{_replicas(waiting)} not started by Ray: {they} for resources ({needs or 'CPU=1 to start'} per replica) "
+            "no node has free, or for a worker process"
         )
     return PipelineTimeoutError(
         f"deploy(): step {label!r} was not ready within deploy_timeout_s: " + "; ".join(parts)
@@ -471,26 +596,39 @@ class ActorLauncher:
     remote = True
 
     def __init__(
-        self, graph: Graph, bindings: Bindings, colocation: Colocation | None = None, options: DeployOptions | None = None
+        self,
+        graph: Graph,
+        bindings: Bindings,
+        colocation: Colocation | None = None,
+        stats: PipelineStats | None = None,
+        policy: DeployOptions | None = None,
     ) -> None:
         self.graph = graph
         self.colocation = Colocation() if colocation is None else colocation
-        self.options = DeployOptions() if options is None else options
+        self.stats = stats
+        self.policy = policy if policy is not None else DeployOptions()
         self.pools: dict[str | int, Pool] = {}
+        self.monitor: HealthMonitor | None = None
         try:
             self._start(bindings)
         except BaseException:
             self.close()
             raise
+        self.monitor = HealthMonitor(lambda: list(self.pools.values()), self.policy)
+        if stats is not None:
+            for pool in self.pools.values():
+                if graph.unit_placement(pool.unit.node).batching is not None:
+                    stats.batch_sources.append(pool.batch_stats)
 
     def _start(self, bindings: Bindings) -> None:
         """Start every pool, then wait (until `deploy_timeout_s` is spent)
         for every replica to be built. Whether they fit was decided before
         (the place pass); here they are only started."""
-        deadline = time.monotonic() + self.options.deploy_timeout_s
+        deadline = time.monotonic() + self.policy.deploy_timeout_s
         ray_runtime.ship_code(b.target for b in bindings.steps.values())
         for key, unit, size, options, label, channel in self._units(bindings):
-            pool = self.pools[key] = Pool(unit, size, {"max_restarts": 0, "max_task_retries": 0, **options}, channel)
+            base = {"max_restarts": 0, "max_task_retries": 0, **options}
+            pool = self.pools[key] = Pool(unit, size, base, channel, self.stats, self.policy)
             if label is not None:
                 if label not in self.colocation:
                     # The label's first replica goes where Ray puts it; the
@@ -525,8 +663,19 @@ class ActorLauncher:
         # A CompiledDAGRef cannot be awaited: async calls take actor tasks.
         return submit_expr(node, callee, args, "submit_channel" if channel and not is_async else "submit")
 
+    def update(self, key: str, bindings: Bindings) -> None:
+        """Replace the replicas of the pool running class step `key` with
+        replicas built from `bindings` (new init args), without dropping a
+        call: the new replicas are up before any call goes to them, and the
+        old ones finish the calls they have before they end."""
+        pools = [p for p in self.pools.values() if key in unit_keys(p.unit.node)]
+        for pool in pools:
+            pool.swap(Unit.of(self.graph, pool.unit.node, bindings), self.policy.deploy_timeout_s)
+
     def close(self) -> None:
         """Kill every replica of every pool; idempotent."""
+        if self.monitor is not None:
+            self.monitor.close()
         pools, self.pools = list(self.pools.values()), {}
         if not ray.is_initialized():
             return  # Ray already shut down (interpreter exit): the actors went with it

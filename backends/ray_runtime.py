@@ -218,6 +218,7 @@ class ReplicaInfo:
     index: int  # replica number within its pool
     pid: int | None
     on_death: Callable[[], None]  # tells the pool to replace the replica
+    why: Callable[[], str | None] = lambda: None  # why the pool ended it, if it did
 
 
 _replicas: dict[str, ReplicaInfo] = {}
@@ -255,13 +256,15 @@ def step_error(exc: BaseException, graph: Graph, node_id: int) -> BaseException:
             info.on_death()
             nid = node_id if node_id in info.node_ids else info.node_ids[0]
             pid = f", pid {info.pid}" if info.pid is not None else ""
+            why = info.why()
+            what = f"was ended: {why}" if why else f"died while running this call ({_first_line(cause)})"
             return StepError(
                 info.label,
                 nid,
                 cause,
                 message=(
-                    f"step {info.label!r} (node %{nid}): replica {info.index}{pid} died while running "
-                    f"this call ({_first_line(cause)}); a new replica takes its place for later calls"
+                    f"step {info.label!r} (node %{nid}): replica {info.index}{pid} {what}; "
+                    "a new replica takes its place for later calls"
                 ),
             )
     label = node_label(graph, node_id)
@@ -295,15 +298,20 @@ def runtime_globals(graph: Graph) -> dict[str, object]:
 
     def _get(ref: Any, node_id: int) -> object:
         state = calls.current()
-        timeout = None if state is None else state.remaining()
-        try:
-            return ray.get(ref, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            error = _expired(node_id)
-        except ray.exceptions.RayError as e:
-            error = step_error(e, graph, node_id)
-        # Raised outside the except block: the Ray error stays out of the chain.
-        raise error
+        while True:
+            timeout = None if state is None else state.remaining()
+            try:
+                return ray.get(ref, timeout=timeout)
+            except ray.exceptions.GetTimeoutError:
+                error = _expired(node_id)
+            except ray.exceptions.RayError as e:
+                again = _retry(state, ref, e, graph, node_id)
+                if again is not None:
+                    ref = again
+                    continue
+                error = step_error(e, graph, node_id)
+            # Raised outside the except block: the Ray error stays out of the chain.
+            raise error
 
     def _get_many(refs: Sequence[Any], ids: Sequence[int]) -> list[object]:
         # A CompiledDAGRef (channel units) can be fetched only once, and not
@@ -323,16 +331,21 @@ def runtime_globals(graph: Graph) -> dict[str, object]:
 
     async def _aget(ref: Any, node_id: int) -> object:
         state = calls.current()
-        timeout = None if state is None else state.remaining()
-        try:
-            if timeout is None:
-                return await ref
-            return await asyncio.wait_for(_awaitable(ref), timeout)
-        except (asyncio.TimeoutError, ray.exceptions.GetTimeoutError):
-            error = _expired(node_id)
-        except ray.exceptions.RayError as e:
-            error = step_error(e, graph, node_id)
-        raise error
+        while True:
+            timeout = None if state is None else state.remaining()
+            try:
+                if timeout is None:
+                    return await ref
+                return await asyncio.wait_for(_awaitable(ref), timeout)
+            except (asyncio.TimeoutError, ray.exceptions.GetTimeoutError):
+                error = _expired(node_id)
+            except ray.exceptions.RayError as e:
+                again = _retry(state, ref, e, graph, node_id)
+                if again is not None:
+                    ref = again
+                    continue
+                error = step_error(e, graph, node_id)
+            raise error
 
     async def _aget_many(refs: Sequence[Any], ids: Sequence[int]) -> list[object]:
         state = calls.current()
@@ -343,12 +356,34 @@ def runtime_globals(graph: Graph) -> dict[str, object]:
         except asyncio.TimeoutError:
             error = _expired(ids[0])
             raise error from None
-        for result, node_id in zip(results, ids):
+        values = list(results)
+        for i, (result, node_id) in enumerate(zip(results, ids)):
             if isinstance(result, BaseException):
+                if _retry(state, refs[i], result, graph, node_id, probe_only=True) is not None:
+                    values[i] = await _aget(refs[i], node_id)  # fails again at once, then retries
+                    continue
                 raise step_error(result, graph, node_id)
-        return list(results)
+        return values
 
     return {"_get": _get, "_aget": _aget, "_get_many": _get_many, "_aget_many": _aget_many}
+
+
+def _retry(
+    state: calls.CallState | None, ref: Any, exc: BaseException, graph: Graph, node_id: int, probe_only: bool = False
+) -> Any | None:
+    """The ref of the same call sent again, when `exc` says the replica
+    running it died and the step is idempotent (its pool registered a
+    retry for `ref`); None otherwise. `probe_only`: only say whether one
+    would be made, making none."""
+    if state is None:
+        return None
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None else exc
+    if not isinstance(cause, ray.exceptions.RayActorError):
+        return None
+    if probe_only:
+        return ref if id(ref) in state.retries else None
+    step_error(exc, graph, node_id)  # tells the dead replica's pool to replace it
+    return state.retry(ref)
 
 
 async def _awaitable(ref: Any) -> object:

@@ -28,6 +28,8 @@ call (ray_runtime.Colocation), and runs elsewhere when that node is busy.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -37,6 +39,7 @@ import ray
 from pipeline_ir.backends import calls
 from pipeline_ir.backends.ray_runtime import Colocation, prefer_node, resource_options, ship_code, submit_expr
 from pipeline_ir.backends.serialization import ensure_registered
+from pipeline_ir.backends.stats import PipelineStats
 from pipeline_ir.backends.worker import Unit
 from pipeline_ir.bindings import Bindings
 from pipeline_ir.ir.graph import Graph
@@ -46,13 +49,16 @@ from pipeline_ir.ir.nodes import Call, Fused
 class Task:
     """The callee generated code holds for one step (or fused group)."""
 
-    __slots__ = ("fn", "unit", "label", "colocation", "_near")
+    __slots__ = ("fn", "unit", "stats", "label", "colocation", "_near")
 
-    def __init__(self, fn: Any, unit: Any, label: str | None = None, colocation: Colocation | None = None) -> None:
+    def __init__(
+        self, fn: Any, unit: Any, stats: PipelineStats | None = None, label: str | None = None, colocation: Colocation | None = None
+    ) -> None:
         self.fn = fn
         # In a list: Ray resolves top-level ObjectRef arguments, not nested
         # ones, so the worker gets the ref and fetches the unit only once.
         self.unit = [unit]
+        self.stats = stats
         self.label = label if colocation is not None else None
         self.colocation = colocation
         self._near: dict[str, Any] = {}  # node -> fn preferring that node
@@ -62,6 +68,10 @@ class Task:
         ensure_registered()  # torch may have been imported since deploy
         ref = self._fn().remote(self.unit, node_id, *args, **kwargs)
         calls.track(ref, node_id, _stop_task)
+        if self.stats is not None:
+            started = self.stats.submitted(node_id)
+            state = calls.current()
+            ref.future().add_done_callback(functools.partial(_finished, self.stats, node_id, started, state))
         return ref
 
     def _fn(self) -> Any:
@@ -78,7 +88,14 @@ class Task:
         return fn
 
 
-def _stop_task(ref: Any, force: bool) -> None:
+def _finished(
+    stats: PipelineStats, node_id: int, started: float, state: calls.CallState | None, future: concurrent.futures.Future[object]
+) -> None:
+    # On Ray's callback thread: bookkeeping only.
+    stats.finished(node_id, started, None if state is None else state.ready, future.exception() is None)
+
+
+def _stop_task(ref: Any, force: bool) -> None:  # noqa: D401 (a calls.Cancel)
     """Cancel a task of an abandoned call: a queued one never starts, a
     running one gets a KeyboardInterrupt (its worker lives on for the next
     call); at shutdown (`force`) its worker exits, as a task stuck in
@@ -122,8 +139,11 @@ class TaskLauncher:
 
     remote = True
 
-    def __init__(self, graph: Graph, bindings: Bindings, colocation: Colocation | None = None) -> None:
+    def __init__(
+        self, graph: Graph, bindings: Bindings, colocation: Colocation | None = None, stats: PipelineStats | None = None
+    ) -> None:
         self.graph = graph
+        self.stats = stats
         self.bindings = bindings
         self.colocation = Colocation() if colocation is None else colocation
         self.tasks: dict[str | int, Task] = {}
@@ -144,7 +164,7 @@ class TaskLauncher:
             # Whether it fits was decided at deploy (the place pass).
             options = {"max_retries": 0, **resource_options(placement)}
             fn = _remote_function(unit, options)
-            task = self.tasks[key] = Task(fn, ray.put(unit), placement.colocate, self.colocation)
+            task = self.tasks[key] = Task(fn, ray.put(unit), self.stats, placement.colocate, self.colocation)
         return task
 
     def expr(self, node: Call | Fused, callee: str, args: str, is_async: bool = False) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline_ir.backends.codegen import PythonCode, generate_body, translate_error
-from pipeline_ir.backends.local import LocalLauncher, instantiate
+from pipeline_ir.backends.local import LocalLauncher, instantiate, single_items
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.bindings import Bindings, StepBinding
 from pipeline_ir.errors import StepError
@@ -105,8 +105,10 @@ class Unit:
         if self._fn is None:
             self.build()
             if isinstance(self.node, Call):
-                self._fn = self.objects[self.node.step]
+                self._fn = single_items(self.graph, self.node.step, self.objects[self.node.step])
             else:
+                # Batched steps are never fused (passes/grouping.py): a body
+                # calls plain steps only.
                 code = generate_body(self.graph, self.node, _Prebuilt(self.objects), self.constants)
                 self._body = code
                 self._fn = code.load()
@@ -126,6 +128,22 @@ class Unit:
             return result
         # Raised outside the except block, so no worker-side context rides along.
         raise error
+
+    def batched(self) -> tuple[Callable[..., object], int, float] | None:
+        """For a batched step's unit: its list-taking callable, max batch
+        size and wait; None otherwise."""
+        if not isinstance(self.node, Call):
+            return None
+        batching = self.graph.step(self.node.step).placement.batching
+        if batching is None:
+            return None
+        self.build()
+        return self.objects[self.node.step], batching.max_batch_size, batching.batch_wait_timeout_s
+
+    def step_error(self, exc: Exception, node_id: int) -> StepError:
+        """The StepError for `exc` raised while running as node `node_id`,
+        safe to pickle back to the caller."""
+        return shippable(self._step_error(exc, node_id))
 
     def _step_error(self, exc: Exception, node_id: int) -> StepError:
         if isinstance(self.node, Fused) and self._body is not None:

@@ -1,4 +1,5 @@
-"""Run the benchmarks: `python -m benchmarks [NAME...]` (also `make bench`).
+"""Run the benchmarks: `python -m benchmarks [--smoke] [--out DIR] [NAME...]`
+(also `make bench`).
 
 Discovers every `bench_*.py` module of this package (or runs only the NAMEs
 given, with or without the `bench_` prefix), runs them one after another in
@@ -9,7 +10,8 @@ this process, and writes
     benchmarks/results/NAME.json       the machine, the date and that benchmark's result
     benchmarks/results/NAME.png        one chart per benchmark (bars, unless it draws its own)
 
-Each module exposes `run() -> dict` returning
+(or the same files under `--out DIR`). Each module exposes
+`run(smoke: bool = False) -> dict` returning
 
     {"name": str, "title": str, "unit": str,
      "rows": [{"label": str, "value": float}, ...],
@@ -23,6 +25,20 @@ and may add keys of its own; a module that also defines
 A benchmark that raises is recorded with its error and the others still run;
 the exit status is 1 when any did. A run of a subset writes latest.json with
 that subset only; each NAME.json keeps the last run of that benchmark.
+
+Ray, when a benchmark needs it, is started once, by the first benchmark
+that does, and stopped at the end: a local instance of its own, or the
+cluster RAY_ADDRESS names.
+
+Smoke mode, `--smoke`, is there so that the suite cannot rot: the runner
+calls `run(smoke=True)`, with which each module runs every code path at
+tiny sizes and one or two repetitions (its figures mean nothing), and
+writes everything into a fresh temporary directory (or `--out DIR`, never
+benchmarks/results/). tests/test_benchmarks_smoke.py runs it as part of the
+test suite. The `smoke` argument is part of the interface: a module whose
+`run()` does not take it fails the smoke run. A module that cannot run
+something small enough (a second Ray instance, say) lists those rows under
+"skipped" with the reason, as it would for rows it cannot run at all.
 """
 
 from __future__ import annotations
@@ -31,11 +47,13 @@ import argparse
 import datetime
 import importlib
 import importlib.metadata
+import inspect
 import json
 import os
 import pkgutil
 import platform
 import sys
+import tempfile
 import textwrap
 import time
 import traceback
@@ -139,7 +157,8 @@ def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
         f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; "
-        f"Python {m['python']}, Ray {m['ray']}, torch {m['torch']}, numpy {m['numpy']}.",
+        f"Python {m['python']}, Ray {m['ray']}, torch {m['torch']}, numpy {m['numpy']}."
+        + (" **Smoke run** (tiny sizes): these figures mean nothing." if report.get("smoke") else ""),
     ]
     for result in report["benchmarks"]:
         lines += ["", f"### {result['name']}", ""]
@@ -157,12 +176,21 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_one(module_name: str) -> dict[str, Any]:
-    """Import and run one benchmark; an exception becomes an error record."""
+def run_one(module_name: str, smoke: bool = False) -> dict[str, Any]:
+    """Import and run one benchmark (`run(smoke=True)` in smoke mode); an
+    exception becomes an error record."""
     start = time.perf_counter()
     try:
         module = importlib.import_module(f"benchmarks.{module_name}")
-        result = check(module.run(), module_name)
+        if smoke:
+            if "smoke" not in inspect.signature(module.run).parameters:
+                raise TypeError(
+                    f"{module_name}.run() takes no `smoke` argument: every benchmark must have a smoke mode, "
+                    "run(smoke: bool = False), that runs it at tiny sizes (see benchmarks/__main__.py)"
+                )
+            result = check(module.run(smoke=True), module_name)
+        else:
+            result = check(module.run(), module_name)
     except Exception:
         print(f"  FAILED:\n{traceback.format_exc()}", file=sys.stderr)
         return {"name": module_name.removeprefix("bench_"), "error": traceback.format_exc(limit=3), "seconds": round(time.perf_counter() - start, 1)}
@@ -173,6 +201,8 @@ def run_one(module_name: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("names", nargs="*", help="benchmarks to run (default: all): local_overhead, anchors, ...")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, few repetitions: checks that every benchmark runs (figures meaningless)")
+    parser.add_argument("--out", type=Path, help="write the results here (default: benchmarks/results/, or a new temporary directory with --smoke)")
     args = parser.parse_args(argv)
     available = discover()
     chosen = [n if n.startswith("bench_") else f"bench_{n}" for n in args.names] or available
@@ -180,11 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(n.removeprefix('bench_') for n in available)}")
 
-    RESULTS.mkdir(exist_ok=True)
-    report: dict[str, Any] = {"machine": machine(), "benchmarks": []}
+    out = output_dir(args.out, args.smoke)
+    if out is None:
+        parser.error(f"--smoke never writes into {RESULTS}: its figures are meaningless; give another --out")
+    # A Ray of their own unless RAY_ADDRESS names one: ray.init() would
+    # otherwise join whatever cluster `ray start` last left on this machine.
+    os.environ.setdefault("RAY_ADDRESS", "local")
+    report: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "benchmarks": []}
     for name in chosen:
-        print(f"== {name}", flush=True)
-        result = run_one(name)
+        print(f"== {name}" + (" (smoke)" if args.smoke else ""), flush=True)
+        result = run_one(name, args.smoke)
         report["benchmarks"].append(result)
         if "error" in result:
             continue
@@ -196,16 +231,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ratio {key}: {value:.2f}")
         if result["notes"]:
             print(f"  notes: {result['notes']}")
-        chart = getattr(importlib.import_module(f"benchmarks.{name}"), "plot", plot)
-        chart(result, RESULTS / f"{result['name']}.png")
-        _write(RESULTS / f"{result['name']}.json", json.dumps({"machine": report["machine"], "benchmark": result}, indent=2) + "\n")
+        try:
+            chart = getattr(importlib.import_module(f"benchmarks.{name}"), "plot", plot)
+            chart(result, out / f"{result['name']}.png")
+        except Exception:  # a chart that cannot be drawn fails the run too, after the JSON is kept
+            print(f"  CHART FAILED:\n{traceback.format_exc()}", file=sys.stderr)
+            result["error"] = "chart: " + traceback.format_exc(limit=3)
+        _write(out / f"{result['name']}.json", json.dumps({"machine": report["machine"], "benchmark": result}, indent=2) + "\n")
         print(f"  ({result['seconds']} s)", flush=True)
 
     _shutdown_ray()
-    _write(RESULTS / "latest.json", json.dumps(report, indent=2) + "\n")
-    _write(RESULTS / "latest.md", markdown(report))
-    print(f"wrote {RESULTS.relative_to(HERE.parent)}/latest.json, latest.md and the charts")
-    return 1 if any("error" in r for r in report["benchmarks"]) else 0
+    _write(out / "latest.json", json.dumps(report, indent=2) + "\n")
+    _write(out / "latest.md", markdown(report))
+    print(f"wrote {out}/latest.json, latest.md and the charts")
+    failed = [r["name"] for r in report["benchmarks"] if "error" in r]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def output_dir(out: Path | None, smoke: bool) -> Path | None:
+    """Where the results go, created; None for a smoke run aimed at
+    benchmarks/results/ (its figures must never replace real ones)."""
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="pipeline_ir-bench-smoke-")) if smoke else RESULTS
+    if smoke and out.resolve() == RESULTS.resolve():
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _write(out: Path, text: str) -> None:

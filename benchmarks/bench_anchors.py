@@ -21,12 +21,14 @@ of a batch of sequential calls.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,17 @@ REPEATS = 5
 BATCH = {"tiny": 40, "10MB": 8}
 WARMUP = 3
 CHILD_TIMEOUT_S = 150
+# run(smoke=True): the tiny payload only, one short batch, one actor playing
+# the three plain stages, no optimize=False actor chain (three more actors),
+# no channels=True chain (a compiled graph to set up; bench_passes smoke-runs
+# one) and no compiled graph's child (a second Ray instance).
+SMOKE_LEFT_OUT = {
+    "pipeline_ir actors, optimize=False": "smoke run: three more actors to start",
+    "pipeline_ir actors, channels=True": "smoke run: a compiled graph to set up (bench_passes smoke-runs channels=True)",
+}
+SMOKE_PAYLOADS = ("tiny",)
+SMOKE_REPEATS, SMOKE_WARMUP = 1, 1
+SMOKE_BATCH = 2
 ROW_ORDER = [
     "ray tasks",
     "ray actors",
@@ -55,16 +68,30 @@ def payloads() -> dict[str, object]:
     return {"tiny": 1, "10MB": np.ones(10 * 2**20 // 8, dtype=np.float64)}
 
 
-def per_call_ms(call: Callable[[object], object], x: object, batch: int) -> float:
-    """Median over REPEATS of the mean latency of `batch` sequential calls."""
-    for _ in range(WARMUP):
+@dataclass(frozen=True)
+class Counts:
+    """How many calls one row takes: `warmup`, then `repeats` batches of `batch`."""
+
+    batch: int
+    repeats: int = REPEATS
+    warmup: int = WARMUP
+    smoke: bool = False  # fewer actors too (see SMOKE_PAYLOADS)
+
+
+def counts(payload: str, smoke: bool) -> Counts:
+    return Counts(SMOKE_BATCH, SMOKE_REPEATS, SMOKE_WARMUP, smoke=True) if smoke else Counts(BATCH[payload])
+
+
+def per_call_ms(call: Callable[[object], object], x: object, n: Counts) -> float:
+    """Median over `n.repeats` of the mean latency of `n.batch` sequential calls."""
+    for _ in range(n.warmup):
         call(x)
     samples = []
-    for _ in range(REPEATS):
+    for _ in range(n.repeats):
         start = time.perf_counter()
-        for _ in range(batch):
+        for _ in range(n.batch):
             call(x)
-        samples.append((time.perf_counter() - start) / batch * 1e3)
+        samples.append((time.perf_counter() - start) / n.batch * 1e3)
     return statistics.median(samples)
 
 
@@ -90,7 +117,7 @@ def _ray() -> Any:
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
     return ray
 
 
@@ -103,7 +130,7 @@ def _stage_actor(ray: Any) -> Any:
     return Stage
 
 
-def ray_anchors(ray: Any, x: object, batch: int) -> dict[str, float]:
+def ray_anchors(ray: Any, x: object, n: Counts) -> dict[str, float]:
     """Plain Ray tasks, plain actors, and ray.dag over the same actors."""
     from ray.dag import InputNode
 
@@ -111,9 +138,11 @@ def ray_anchors(ray: Any, x: object, batch: int) -> dict[str, float]:
     def stage(x: object) -> object:
         return x
 
-    actors = [_stage_actor(ray).remote() for _ in range(3)]
+    distinct = [_stage_actor(ray).remote() for _ in range(1 if n.smoke else 3)]
+    actors = distinct * (3 // len(distinct))
     with InputNode() as inp:
         dag = actors[2].forward.bind(actors[1].forward.bind(actors[0].forward.bind(inp)))
+
     def run_dag(v: object) -> object:
         with warnings.catch_warnings():  # deprecated in Ray 2.60, still the interpreted-DAG API
             warnings.simplefilter("ignore")
@@ -121,30 +150,32 @@ def ray_anchors(ray: Any, x: object, batch: int) -> dict[str, float]:
 
     try:
         return {
-            "ray tasks": per_call_ms(lambda v: ray.get(stage.remote(stage.remote(stage.remote(v)))), x, batch),
+            "ray tasks": per_call_ms(lambda v: ray.get(stage.remote(stage.remote(stage.remote(v)))), x, n),
             "ray actors": per_call_ms(
-                lambda v: ray.get(actors[2].forward.remote(actors[1].forward.remote(actors[0].forward.remote(v)))), x, batch
+                lambda v: ray.get(actors[2].forward.remote(actors[1].forward.remote(actors[0].forward.remote(v)))), x, n
             ),
-            "ray.dag (actors)": per_call_ms(run_dag, x, batch),
+            "ray.dag (actors)": per_call_ms(run_dag, x, n),
         }
     finally:
-        for a in actors:
+        for a in distinct:
             ray.kill(a)
 
 
-def pipeline_rows(x: object, batch: int) -> tuple[dict[str, float], dict[str, str]]:
+def pipeline_rows(x: object, n: Counts) -> tuple[dict[str, float], dict[str, str]]:
     """pipeline_ir's tasks and actors backends, without passes, with the
     default passes, and (actors) with Compiled Graph channels too."""
     chain = stage_c(stage_b(stage_a(pipeline.INPUT)))
     rows: dict[str, float] = {}
     explained: dict[str, str] = {}
     variants = [("tasks", False, False), ("tasks", True, False), ("actors", False, False), ("actors", True, False), ("actors", True, True)]
+    if n.smoke:
+        variants = [v for v in variants if v[0] == "tasks" or v == ("actors", True, False)]
     for backend, optimize, channels in variants:
         label = f"pipeline_ir {backend}" + ("" if optimize else ", optimize=False") + (", channels=True" if channels else "")
         compiled = pipeline.compile(chain, backend=backend, optimize=optimize, channels=channels)
         explained[label] = compiled.explain()
         with compiled.deploy() as p:
-            rows[label] = per_call_ms(p.call, x, batch)
+            rows[label] = per_call_ms(p.call, x, n)
     return rows, explained
 
 
@@ -160,7 +191,7 @@ def compiled_graph_child() -> None:
     compiled = dag.experimental_compile()
     rows = {}
     for name, x in payloads().items():
-        rows[f"{name}: ray compiled graph"] = per_call_ms(lambda v: ray.get(compiled.execute(v)), x, BATCH[name])
+        rows[f"{name}: ray compiled graph"] = per_call_ms(lambda v: ray.get(compiled.execute(v)), x, counts(name, smoke=False))
     print("@@" + json.dumps(rows), flush=True)
     compiled.teardown(kill_actors=True)
     ray.shutdown()
@@ -191,35 +222,43 @@ def compiled_graph_rows() -> tuple[dict[str, float], str]:
     return {}, f"compiled graph failed (exit {proc.returncode}): {' | '.join(error) or proc.stderr[-300:]}"
 
 
-def run() -> dict[str, Any]:
+def run(smoke: bool = False) -> dict[str, Any]:
     ray = _ray()
     rows: dict[str, float] = {}
     skipped: dict[str, str] = {}
     notes: list[str] = []
     explained: dict[str, str] = {}
-    for name, x in payloads().items():
-        for label, value in ray_anchors(ray, x, BATCH[name]).items():
+    chosen = {name: x for name, x in payloads().items() if not smoke or name in SMOKE_PAYLOADS}
+    for name, x in chosen.items():
+        for label, value in ray_anchors(ray, x, counts(name, smoke)).items():
             rows[f"{name}: {label}"] = value
         try:
-            ours, explained = pipeline_rows(x, BATCH[name])
+            ours, explained = pipeline_rows(x, counts(name, smoke))
         except Exception as e:  # the backend or a pass is not ready: say so
+            if smoke:
+                raise  # a smoke run is there to catch exactly this
             for backend in ("tasks", "actors"):
                 for suffix in (", optimize=False", "", ", channels=True"):
                     skipped[f"{name}: pipeline_ir {backend}{suffix}"] = f"{type(e).__name__}: {e}"
         else:
             rows.update({f"{name}: {label}": value for label, value in ours.items()})
-    cg_rows, cg_note = compiled_graph_rows()
+        if smoke:
+            skipped.update({f"{name}: {label}": reason for label, reason in SMOKE_LEFT_OUT.items()})
+    if smoke:
+        cg_rows, cg_note = {}, "smoke run: the compiled graph's child would start a second Ray instance"
+    else:
+        cg_rows, cg_note = compiled_graph_rows()
     rows.update(cg_rows)
     if cg_note:
         notes.append(cg_note)
-    for name in payloads():
+    for name in chosen:
         if f"{name}: ray compiled graph" not in rows:
             skipped[f"{name}: ray compiled graph"] = cg_note
-    order = [f"{name}: {label}" for name in payloads() for label in ROW_ORDER]
+    order = [f"{name}: {label}" for name in chosen for label in ROW_ORDER]
     ordered = sorted(rows.items(), key=lambda kv: order.index(kv[0]))
 
     ratios: dict[str, float] = {}
-    for name in payloads():
+    for name in chosen:
         for backend, anchor in (("tasks", "ray tasks"), ("actors", "ray actors")):
             opt, unopt = rows.get(f"{name}: pipeline_ir {backend}"), rows.get(f"{name}: pipeline_ir {backend}, optimize=False")
             if opt and unopt:
@@ -235,7 +274,10 @@ def run() -> dict[str, Any]:
             notes.append(f"passes on the {backend} chain: " + " / ".join(rewrites))
     notes.append("the compiled graph runs in a child process with its own Ray; its compile and teardown are not timed")
     notes.append("DAGNode.execute() is deprecated in Ray 2.60 (warning silenced)")
-    notes.append(f"median of {REPEATS} batches of {BATCH['tiny']} (tiny) or {BATCH['10MB']} (10MB) sequential calls")
+    if smoke:
+        notes.append(f"smoke run: {SMOKE_BATCH} calls per row")
+    else:
+        notes.append(f"median of {REPEATS} batches of {BATCH['tiny']} (tiny) or {BATCH['10MB']} (10MB) sequential calls")
     return {
         "name": "anchors",
         "title": "3-stage chain, latency per call: Ray tasks / actors / ray.dag / compiled graph vs pipeline_ir",

@@ -31,6 +31,7 @@ from pipeline_ir.builder import PipelineNode
 SIZES = (10, 100, 1000, 2000)
 ROUNDS = 5
 REPEAT_S = 0.05  # a round repeats a fast measurement until it took this long
+SMOKE_SIZES = (10, 20, 40)  # run(smoke=True): checks that it runs, one round
 
 
 def add_one(x: int) -> int:
@@ -70,11 +71,11 @@ def _measure(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) / reps
 
 
-def cases() -> dict[str, dict[int, Callable[[], object]]]:
+def cases(sizes: tuple[int, ...] = SIZES) -> dict[str, dict[int, Callable[[], object]]]:
     """Series name -> size -> the thing to time (graphs built beforehand)."""
     out: dict[str, dict[int, Callable[[], object]]] = {}
     for shape, build in (("chain", chain), ("fan-out", fan_out)):
-        for n in SIZES:
+        for n in sizes:
             node = build(n)
             compiled = pipeline.compile(node)
             out.setdefault(f"{shape}: compile", {})[n] = lambda node=node: pipeline.compile(node)
@@ -85,20 +86,24 @@ def cases() -> dict[str, dict[int, Callable[[], object]]]:
     return out
 
 
-def run() -> dict[str, Any]:
-    series = cases()
-    times: dict[str, dict[int, float]] = {name: {n: float("inf") for n in sizes} for name, sizes in series.items()}
-    for _ in range(ROUNDS):
+def run(smoke: bool = False) -> dict[str, Any]:
+    sizes, rounds = (SMOKE_SIZES, 1) if smoke else (SIZES, ROUNDS)
+    # The ratios compare the smallest size with the two largest (full run:
+    # n=1000 / n=10 and n=2000 / n=1000).
+    small, big, biggest = sizes[0], sizes[-2], sizes[-1]
+    series = cases(sizes)
+    times: dict[str, dict[int, float]] = {name: {n: float("inf") for n in by_n} for name, by_n in series.items()}
+    for _ in range(rounds):
         # Interleaved: a slow spell on the machine hits every size alike.
-        for name, sizes in series.items():
-            for n, fn in sizes.items():
+        for name, by_size in series.items():
+            for n, fn in by_size.items():
                 times[name][n] = min(times[name][n], _measure(fn))
     rows = [{"label": f"{name}, n={n}", "value": t * 1e3} for name, by_n in times.items() for n, t in by_n.items()]
     ratios: dict[str, float] = {}
     for name, by_n in times.items():
-        ratios[f"{name}: n=1000 / n=10"] = by_n[1000] / by_n[10]
+        ratios[f"{name}: n={big} / n={small}"] = by_n[big] / by_n[small]
     for name, by_n in times.items():
-        ratios[f"{name}: n=2000 / n=1000"] = by_n[2000] / by_n[1000]
+        ratios[f"{name}: n={biggest} / n={big}"] = by_n[biggest] / by_n[big]
     return {
         "name": "compile",
         "title": "Compile time against graph size: chains and fan-outs of LOCAL steps, one step each",
@@ -107,7 +112,7 @@ def run() -> dict[str, Any]:
         "ratios": ratios,
         "curves": {name: [[n, t * 1e3] for n, t in by_n.items()] for name, by_n in times.items()},
         "notes": (
-            f"best of {ROUNDS} interleaved rounds (fast cases repeated for about {REPEAT_S * 1e3:.0f} ms and averaged); "
+            f"best of {rounds} interleaved rounds (fast cases repeated for about {REPEAT_S * 1e3:.0f} ms and averaged); "
             "goal compile n=1000 / n=10 <= 100 (linear or better); n=2000 / n=1000 is 2 when linear"
         ),
     }
@@ -125,14 +130,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o", linestyle="--" if "fan-out" in name else "-", label=name)
     first = min(p[1] for points in result["curves"].values() for p in points[:1])
-    ns = [SIZES[0], SIZES[-1]]
+    sizes = [n for n, _ in next(iter(result["curves"].values()))]
+    ns = [sizes[0], sizes[-1]]
     ax.plot(ns, [first, first * ns[1] / ns[0]], color="#bbbbbb", linewidth=4, alpha=0.5, label="linear (slope 1)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("nodes (steps)")
     ax.set_ylabel(result["unit"])
-    compile_ratios = ", ".join(f"{k.split(':')[0]} {v:.0f}x" for k, v in result["ratios"].items() if k.endswith(": compile: n=1000 / n=10"))
-    ax.set_title(f"{result['title']}\ncompile n=1000 / n=10: {compile_ratios} (goal <= 100)", fontsize=8)
+    span = f"n={sizes[-2]} / n={sizes[0]}"
+    compile_ratios = ", ".join(f"{k.split(':')[0]} {v:.0f}x" for k, v in result["ratios"].items() if k.endswith(f": compile: {span}"))
+    ax.set_title(f"{result['title']}\ncompile {span}: {compile_ratios} (goal at n=1000 / n=10: <= 100)", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

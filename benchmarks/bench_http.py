@@ -31,6 +31,9 @@ ROUNDS = 4  # the calls are split into interleaved rounds, so load drift hits al
 # machine the figures come from, beside the benchmarks' own actors.
 NO_CPU = {"num_cpus": 0}
 PAYLOAD = {"id": 7, "text": "hello", "scores": [0.1, 0.2, 0.3]}
+# run(smoke=True): a few calls, the ACTORS pipeline and the anchor only (each
+# Serve application starts a replica): checks that it runs
+SMOKE_CALLS, SMOKE_WARMUP, SMOKE_ROUNDS = 4, 1, 1
 
 
 def echo(x: object) -> object:
@@ -71,15 +74,15 @@ def _poster(port: int, route: str) -> tuple[Callable[[], object], Callable[[], N
     return post, conn.close
 
 
-def _sample(fns: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
+def _sample(fns: dict[str, Callable[[], object]], calls: int = CALLS, warmup: int = WARMUP, rounds: int = ROUNDS) -> dict[str, list[float]]:
     """Seconds per call of each candidate, interleaved by rounds."""
     for fn in fns.values():
-        for _ in range(WARMUP):
+        for _ in range(warmup):
             assert fn() == PAYLOAD
     samples: dict[str, list[float]] = {label: [] for label in fns}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for label, fn in fns.items():
-            for _ in range(CALLS // ROUNDS):
+            for _ in range(calls // rounds):
                 start = time.perf_counter()
                 fn()
                 samples[label].append(time.perf_counter() - start)
@@ -90,7 +93,8 @@ def _p(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if q < 100 else max(values)
 
 
-def run() -> dict[str, Any]:
+def run(smoke: bool = False) -> dict[str, Any]:
+    calls, warmup, rounds = (SMOKE_CALLS, SMOKE_WARMUP, SMOKE_ROUNDS) if smoke else (CALLS, WARMUP, ROUNDS)
     try:
         from ray import serve
 
@@ -103,6 +107,10 @@ def run() -> dict[str, Any]:
         "local": pipeline.step(echo)(pipeline.INPUT),
         "actors": pipeline.step(Echo, execution_mode="actors")()(pipeline.INPUT),
     }
+    skipped = {}
+    if smoke:
+        del nodes["local"]
+        skipped["local: p.call(x) and HTTP POST"] = "smoke run: one Serve application fewer to start"
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     fns: dict[str, Callable[[], object]] = {}
@@ -120,7 +128,7 @@ def run() -> dict[str, Any]:
         post, close = _poster(port, "/plain")
         closers.append(close)
         fns["bare Serve deployment (anchor): HTTP POST"] = post
-        samples = _sample(fns)
+        samples = _sample(fns, calls, warmup, rounds)
     finally:
         for close in closers:
             close()
@@ -144,6 +152,7 @@ def run() -> dict[str, Any]:
         "unit": "ms per call",
         "rows": rows,
         "ratios": ratios,
-        "notes": f"{CALLS} sequential calls per candidate after {WARMUP} warm-up calls, in {ROUNDS} interleaved rounds; "
+        "skipped": skipped,
+        "notes": f"{calls} sequential calls per candidate after {warmup} warm-up calls, in {rounds} interleaved rounds; "
         "HTTP over one keep-alive http.client connection to Serve's proxy on 127.0.0.1, one ingress replica (num_cpus=0). The '(ms)' entries are differences of p50s, not ratios.",
     }

@@ -15,6 +15,7 @@ latency of BATCH sequential calls.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -28,6 +29,10 @@ REPEATS = 5
 BATCH = 20
 WARMUP = 3
 SIZES = {"4 B": 1, "256 KB": 2**16, "4 MB": 2**20, "16 MB": 2**22}
+# run(smoke=True): the smallest size only, and no optimize=False actor chain
+# (three more actors to start): checks that it runs
+SMOKE_SIZES = {"4 B": 1}
+SMOKE_REPEATS, SMOKE_BATCH, SMOKE_WARMUP = 1, 2, 1
 
 
 class Embed:
@@ -48,39 +53,49 @@ class Head:
         return float(t[::1024].sum())
 
 
-def per_call_ms(call: Callable[[object], object]) -> float:
-    for _ in range(WARMUP):
+def per_call_ms(call: Callable[[object], object], smoke: bool = False) -> float:
+    warmup, repeats, batch = (SMOKE_WARMUP, SMOKE_REPEATS, SMOKE_BATCH) if smoke else (WARMUP, REPEATS, BATCH)
+    for _ in range(warmup):
         call(1)
     samples = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
-        for _ in range(BATCH):
+        for _ in range(batch):
             call(1)
-        samples.append((time.perf_counter() - start) / BATCH * 1e3)
+        samples.append((time.perf_counter() - start) / batch * 1e3)
     return statistics.median(samples)
 
 
-def run() -> dict[str, Any]:
+def run(smoke: bool = False) -> dict[str, Any]:
     import ray
 
+    sizes = SMOKE_SIZES if smoke else SIZES
+    repeats, batch = (SMOKE_REPEATS, SMOKE_BATCH) if smoke else (REPEATS, BATCH)
+
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
     rows: dict[str, float] = {}
     ratios: dict[str, float] = {}
+    skipped: dict[str, str] = {}
     explained: dict[str, str] = {}
     for mode in ("actors", "tasks"):
         embed, model, head = (pipeline.step(execution_mode=mode)(c) for c in (Embed, Model, Head))
-        for size_label, n in SIZES.items():
+        for size_label, n in sizes.items():
             chain = head()(model()(embed(n)(pipeline.INPUT)))
             variants = [(False, False), (True, False)] + ([(True, True)] if mode == "actors" else [])
+            if smoke and mode == "actors":
+                variants.remove((False, False))
+                skipped[f"{mode}, {size_label}, optimize=False"] = "smoke run: three more actors to start"
             for optimize, channels in variants:
                 label = f"{mode}, {size_label}" + ("" if optimize else ", optimize=False") + (", channels=True" if channels else "")
                 compiled = pipeline.compile(chain, optimize=optimize, channels=channels)
                 if optimize and not channels:
                     explained[mode] = compiled.explain()
                 with compiled.deploy() as p:
-                    rows[label] = per_call_ms(p.call)
-            unopt = rows[f"{mode}, {size_label}, optimize=False"]
+                    rows[label] = per_call_ms(p.call, smoke)
+            unopt = rows.get(f"{mode}, {size_label}, optimize=False")
+            if unopt is None:
+                continue
             ratios[f"{mode}, {size_label}: speed-up from passes"] = unopt / rows[f"{mode}, {size_label}"]
             if mode == "actors":
                 ratios[f"{mode}, {size_label}: speed-up from passes + channels"] = unopt / rows[f"{mode}, {size_label}, channels=True"]
@@ -91,8 +106,9 @@ def run() -> dict[str, Any]:
         "unit": "ms per call",
         "rows": [{"label": label, "value": value} for label, value in rows.items()],
         "ratios": ratios,
+        "skipped": skipped,
         "notes": (
-            f"median of {REPEATS} batches of {BATCH} sequential calls; "
+            f"median of {repeats} batches of {batch} sequential calls; "
             + " / ".join(f"passes on {m}: {'; '.join(r)}" for m, r in rewrites.items())
         ),
     }

@@ -30,6 +30,7 @@ from typing import Any
 _MB = 100
 _REPEATS = 7
 _WARMUP = 2
+_SMOKE_MB, _SMOKE_REPEATS, _SMOKE_WARMUP = 1, 1, 1  # run(smoke=True): checks that it runs
 _OPT_IN = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
 
 
@@ -61,8 +62,10 @@ def _interleaved_medians_ms(variants: dict[str, Callable[[], object]], repeats: 
     return {name: statistics.median(ts) * 1000.0 for name, ts in times.items()}
 
 
-def run() -> dict[str, object]:
-    """Measure and return the result table (see the module docstring)."""
+def run(smoke: bool = False) -> dict[str, object]:
+    """Measure and return the result table (see the module docstring);
+    `smoke`: a 1 MB tensor, once."""
+    mb, repeats, warmup = (_SMOKE_MB, _SMOKE_REPEATS, _SMOKE_WARMUP) if smoke else (_MB, _REPEATS, _WARMUP)
     import numpy as np
     import ray
     import torch
@@ -73,16 +76,18 @@ def run() -> dict[str, object]:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(include_dashboard=False, log_to_driver=False)
-    tensor = torch.randn(_MB * 1024 * 1024 // 4)
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
+    tensor = torch.randn(mb * 1024 * 1024 // 4)
     array = tensor.numpy()
     context = ray._private.worker.global_worker.get_serialization_context()
     hop = ray.remote(num_cpus=0)(_Hop)
     first = pipeline.step(execution_mode="actors", num_cpus=0, name="first")(_identity)
     second = pipeline.step(execution_mode="actors", num_cpus=0, name="second")(_identity)
     chain = pipeline.compile(second(first(pipeline.INPUT)), optimize=False).deploy()
-    plain = [hop.remote() for _ in range(2)]
-    opt_in = [hop.options(runtime_env={"env_vars": {_OPT_IN: "1"}}).remote() for _ in range(2)]
+    # Smoke: one actor plays both hops of each plain chain (fewer processes to start).
+    hops = 1 if smoke else 2
+    plain = [hop.remote() for _ in range(hops)] * (2 // hops)
+    opt_in = [hop.options(runtime_env={"env_vars": {_OPT_IN: "1"}}).remote() for _ in range(hops)] * (2 // hops)
 
     def through_plain(actors: list[Any], x: object = tensor) -> Callable[[], object]:
         return lambda: ray.get(actors[1].f.remote(actors[0].f.remote(x)))
@@ -106,7 +111,7 @@ def run() -> dict[str, object]:
             serialization.ensure_registered()
 
     try:
-        ray.get([a.f.remote(0) for a in plain + opt_in])
+        ray.get([a.f.remote(0) for a in plain[:hops] + opt_in[:hops]])
         assert torch.equal(chain.call(tensor), tensor)  # type: ignore[arg-type]
         ms = _interleaved_medians_ms(
             {
@@ -116,12 +121,12 @@ def run() -> dict[str, object]:
                 "native": ray_opt_in,
                 "plain_numpy": through_plain(plain, array),
             },
-            _REPEATS,
-            _WARMUP,
+            repeats,
+            warmup,
         )
     finally:
         chain.shutdown()
-        for a in plain + opt_in:
+        for a in plain[:hops] + opt_in[:hops]:
             ray.kill(a)
         if started:
             ray.shutdown()
@@ -130,7 +135,7 @@ def run() -> dict[str, object]:
     speedup, vs_numpy = default / ours, ours / numpy
     return {
         "name": "tensor_transfer",
-        "title": f"{_MB} MB CPU float32 tensor through a 2-actor chain (end to end, median of {_REPEATS})",
+        "title": f"{mb} MB CPU float32 tensor through a 2-actor chain (end to end, median of {repeats})",
         "unit": "ms",
         "rows": [
             {"label": "pipeline_ir, torch.Tensor (our serializer)", "value": round(ours, 2)},

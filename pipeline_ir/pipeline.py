@@ -21,9 +21,10 @@ from pipeline_ir.admission import Admission
 from pipeline_ir.errors import PipelineError, PipelineValueError
 from pipeline_ir.options import DeployOptions, check_timeout
 
+from pipeline_ir.bindings import Bindings, StepBinding
+
 if TYPE_CHECKING:
     from pipeline_ir.backends.lower import Program
-    from pipeline_ir.bindings import Bindings
     from pipeline_ir.ir.graph import Graph
 
 
@@ -50,6 +51,7 @@ class Pipeline:
 
         self.options = options if options is not None else DeployOptions()
         self.compiled = compiled
+        self._bindings: Bindings = compiled.bindings
         self._program: Program = lower(compiled.graph, compiled.bindings, self.options)
         self._admission = Admission(self.options.max_in_flight, self.options.overload_timeout_s)
         self._closed = False
@@ -149,6 +151,46 @@ class Pipeline:
         of a call goes, on the graph you compiled."""
         text = self.graph.dump()
         return self._program.stats.annotate(text) if stats else text
+
+    def update(self, step: object, *init_args: object, **init_kwargs: object) -> None:
+        """Replace the replicas of class step `step` (the decorated class,
+        or its name or key) with replicas built from new init args, without
+        dropping calls in flight: the new replicas are built first (their
+        constructors run; a failure raises and the old ones keep serving),
+        new calls go to them, and the old ones finish what they have before
+        they end. For ACTORS class steps (alone or fused into a group)."""
+        self._check_open()
+        key = self._class_step_key(step)
+        bindings = self._bindings
+        old = bindings.steps[key]
+        fresh = StepBinding(old.target, tuple(init_args), dict(init_kwargs))
+        new = type(bindings)(steps={**bindings.steps, key: fresh}, constants=bindings.constants)
+        self._program.update(key, new)
+        self._bindings = new
+
+    def _class_step_key(self, step: object) -> str:
+        graph = self.graph
+        classes = [s for s in graph.steps if s.kind == "class"]
+        if isinstance(step, str):
+            found = [s for s in classes if step in (s.key, s.name)]
+        else:
+            target = getattr(step, "cls", step)  # a ClassStep, or the class itself
+            found = [s for s in classes if self._bindings.steps[s.key].target is target]
+        what = step if isinstance(step, str) else getattr(step, "__name__", None) or repr(step)
+        if not found:
+            names = ", ".join(repr(s.key) for s in classes) or "none"
+            raise PipelineValueError(f"update(): this pipeline has no class step {what!r} (its class steps: {names})")
+        if len(found) > 1:
+            keys = ", ".join(repr(s.key) for s in found)
+            raise PipelineValueError(f"update(): {what!r} names several configured steps ({keys}); pass the key of the one to replace")
+        spec = found[0]
+        modes = {graph.placement_of(c.id).mode for c in graph.callers(spec.key)}
+        if modes != {"actors"}:
+            raise PipelineValueError(
+                f"update(): step {spec.key!r} runs as {'/'.join(sorted(modes))}; update() replaces actor replicas: "
+                "deploy it with execution_mode='actors', or deploy the pipeline again with the new arguments"
+            )
+        return spec.key
 
     def shutdown(self) -> None:
         """Cancel the calls still running and end every actor of the

@@ -42,8 +42,8 @@ def test_a_constructor_that_never_returns_fails_deploy_and_leaves_no_process(ray
         Stuck(str(tmp_path))(inc(pipeline.INPUT)).deploy(deploy_timeout_s=3)
     assert err.value.step_name == "Stuck" and isinstance(err.value, TimeoutError)
     message = str(err.value)
-    assert message.startswith("deploy(): step 'Stuck' was not ready within deploy_timeout_s: replica ")
-    assert "still running its constructor" in message and "Every actor the deploy started was stopped" in message
+    assert message.startswith("deploy(): step 'Stuck' was not ready within deploy_timeout_s: replica")
+    assert "still running" in message and "Every actor the deploy started was stopped" in message
     pids = [int(p.name) for p in tmp_path.iterdir()]
     assert pids and f"pid {pids[0]} on node" in message
     assert wait_gone(pids) == []
@@ -64,7 +64,7 @@ def test_a_replica_waiting_for_resources_says_so(ray_session: Any) -> None:
             OnGpu()(pipeline.INPUT).deploy(deploy_timeout_s=2, check_resources="total")
         assert str(err.value).startswith(
             "deploy(): step 'OnGpu' was not ready within deploy_timeout_s: replica 0 not started by Ray: "
-            "it waits for resources (num_gpus=1 per replica) no node has free, or for its worker process."
+            "it waits for resources (num_gpus=1 per replica) no node has free, or for a worker process."
         )
     finally:
         ray_session.kill(holder)

@@ -1,0 +1,526 @@
+"""GPU figures for the fast path's design, measured in one short run on a
+lent H100/H200 (well under 4 minutes).
+
+    # on the GPU machine, from the project root (Ray comes from .gpuwork):
+    source .gpuwork/setup.sh && python3 benchmarks/gpu/gpu_bench.py
+    # here, on CPU, to check that it runs (tiny sizes, no CUDA IPC):
+    python benchmarks/gpu/gpu_bench.py --cpu-smoke
+
+Parts (each in its own try/except: a failure is recorded and the others
+still run; the JSON is rewritten after each part, so a run cut short keeps
+what it measured):
+
+a. transfer: a 100 MB CUDA tensor from one Ray GPU actor to another on the
+   same GPU (num_gpus=0.5 each), median of TRANSFERS, each a fresh tensor:
+   plain Ray (the tensor crosses host memory: torch's pickling copies it
+   out, the receiver copies it back), CUDA IPC (the sender's
+   `torch.multiprocessing.reductions.reduce_tensor`, the handle through
+   Ray, the rebuild function in the receiver; the sender keeps the tensor
+   alive until the receiver is done), CUDA IPC plus a clone in the
+   receiver, a tiny payload through the same two actor calls (the floor),
+   and a device-to-device copy in one process.
+b. resnet18 (weights=None, eval, no_grad, fixed seed) at batch 1 and 16:
+   GPU ms per image (CUDA events) and images/s (synchronized wall clock),
+   after a warm-up.
+c. preprocess (a torchvision transform, CPU) in one actor -> classifier in
+   a GPU actor, vs one GPU actor doing both, at batch 1 and 16: p50 and
+   p99 latency of a call from the driver.
+
+Output: `$OUT/gpu_bench.json` (OUT defaults to ./gpu_out): the date, the
+GPU, the versions and every part's rows; and a table on stdout. No network
+is needed (no weights are downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SEED = 0
+MB = 100
+TRANSFERS = 10
+CALL_TIMEOUT_S = 120.0
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class Settings:
+    """Sizes and counts: the real run, or tiny ones for --cpu-smoke."""
+
+    def __init__(self, smoke: bool) -> None:
+        self.smoke = smoke
+        self.device = "cpu" if smoke else "cuda"
+        self.gpus = 0.0 if smoke else 0.5  # per GPU actor: two share the GPU
+        self.megabytes = 1 if smoke else MB
+        self.transfers = 2 if smoke else TRANSFERS
+        self.batches = (1, 2) if smoke else (1, 16)
+        self.warmup = 1 if smoke else 10
+        self.iterations = 1 if smoke else 50
+        self.calls = 2 if smoke else 30
+
+
+def row(label: str, value: float, unit: str) -> dict[str, Any]:
+    return {"label": label, "value": value, "unit": unit}
+
+
+def _seed() -> None:
+    import numpy as np
+    import torch
+
+    torch.manual_seed(SEED)
+    np.random.seed(SEED)
+
+
+# -- a. one CUDA tensor, actor to actor --
+
+
+class Sender:
+    """Makes fresh tensors and keeps each alive until `drop` (CUDA IPC:
+    the receiver maps the sender's memory)."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.device = device
+        self.kept: dict[int, Any] = {}
+        torch.zeros(1, device=device)  # CUDA initialised before anything is timed
+
+    def make(self, i: int, megabytes: int) -> Any:
+        import torch
+
+        t = torch.full((megabytes * 2**20 // 4,), float(i), device=self.device)
+        self.kept[i] = t
+        return t
+
+    def plain(self, i: int, megabytes: int) -> Any:
+        """The tensor itself, through Ray (torch's pickling: host memory)."""
+        return self.make(i, megabytes)
+
+    def ipc(self, i: int, megabytes: int) -> Any:
+        """A CUDA IPC handle to the tensor (rebuild function and its args)."""
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        return reduce_tensor(self.make(i, megabytes))
+
+    def tiny(self, i: int, megabytes: int) -> int:
+        return i
+
+    def drop(self, i: int) -> None:
+        import torch
+
+        self.kept.pop(i, None)
+        if self.device == "cuda":
+            torch.cuda.ipc_collect()  # frees memory whose IPC consumers are done
+
+    def local_copy_ms(self, megabytes: int, repeats: int) -> float:
+        """Median ms of a device-to-device copy of the same size, in one process."""
+        import torch
+
+        src = torch.ones(megabytes * 2**20 // 4, device=self.device)
+        dst = torch.empty_like(src)
+        times = []
+        for _ in range(repeats + 1):
+            _sync(self.device)
+            start = time.perf_counter()
+            dst.copy_(src)
+            _sync(self.device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:]) * 1e3
+
+
+class Receiver:
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.device = device
+        torch.zeros(1, device=device)
+
+    def take(self, t: Any, i: int) -> str:
+        """A tensor that came through Ray: check it where it is."""
+        assert float(t[0]) == float(i) and str(t.device).startswith(self.device)
+        return str(t.device)
+
+    def take_ipc(self, handle: Any, i: int, clone: bool) -> str:
+        rebuild, args = handle
+        t = rebuild(*args)
+        if clone:
+            t = t.clone()
+        assert float(t[0]) == float(i)
+        device = str(t.device)
+        del t  # released before the sender may free it
+        return device
+
+    def take_tiny(self, x: int, i: int) -> str:
+        return "none"
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def transfer(ray: Any, s: Settings) -> dict[str, Any]:
+    sender = ray.remote(num_gpus=s.gpus)(Sender).remote(s.device)
+    receiver = ray.remote(num_gpus=s.gpus)(Receiver).remote(s.device)
+    rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    ways: dict[str, tuple[str, Callable[[int], Any]]] = {
+        "tiny payload, same two actor calls (floor)": ("tiny", lambda i: receiver.take_tiny.remote(sender.tiny.remote(i, s.megabytes), i)),
+        "plain Ray (through host memory)": ("plain", lambda i: receiver.take.remote(sender.plain.remote(i, s.megabytes), i)),
+        "CUDA IPC (receiver maps the sender's memory)": ("ipc", lambda i: receiver.take_ipc.remote(sender.ipc.remote(i, s.megabytes), i, False)),
+        "CUDA IPC + clone in the receiver": ("ipc", lambda i: receiver.take_ipc.remote(sender.ipc.remote(i, s.megabytes), i, True)),
+    }
+    try:
+        ray.get([sender.tiny.remote(0, 0), receiver.take_tiny.remote(0, 0)], timeout=CALL_TIMEOUT_S)
+        times: dict[str, list[float]] = {label: [] for label in ways}
+        devices: dict[str, str] = {}
+        for label, (kind, _) in ways.items():
+            if kind == "ipc" and s.device != "cuda":
+                skipped[label] = "needs CUDA"
+        for n in range(s.transfers + 1):  # interleaved; the first round is a warm-up
+            for k, (label, (kind, send)) in enumerate(ways.items()):
+                if label in skipped:
+                    continue
+                i = 1 + n * len(ways) + k
+                start = time.perf_counter()
+                try:
+                    devices[label] = ray.get(send(i), timeout=CALL_TIMEOUT_S)
+                except Exception as e:  # this way fails: record it, keep the others
+                    skipped[label] = f"failed: {type(e).__name__}: {e}"[:2000]
+                    continue
+                finally:
+                    ray.get(sender.drop.remote(i), timeout=CALL_TIMEOUT_S)
+                times[label].append(time.perf_counter() - start)
+        for label, taken in times.items():
+            if taken:
+                rows.append(row(f"{s.megabytes} MB actor -> actor: {label}", statistics.median(taken[1:]) * 1e3, "ms"))
+        local = ray.get(sender.local_copy_ms.remote(s.megabytes, s.transfers), timeout=CALL_TIMEOUT_S)
+        rows.append(row(f"{s.megabytes} MB copy on the device, one process", local, "ms"))
+        notes = f"median of {s.transfers} after a warm-up; wall clock from the driver (two actor calls each); devices seen by the receiver: {devices}"
+        return {"rows": rows, "skipped": skipped, "notes": notes}
+    finally:
+        for actor in (sender, receiver):
+            ray.kill(actor)
+
+
+# -- b. resnet18, batch 1 vs 16 --
+
+
+def resnet(ray: Any, s: Settings) -> dict[str, Any]:
+    import torch
+    import torchvision
+
+    _seed()
+    model = torchvision.models.resnet18(weights=None).eval().to(s.device)
+    rows = []
+    with torch.no_grad():
+        for batch in s.batches:
+            x = torch.randn(batch, 3, 224, 224, device=s.device)
+            for _ in range(s.warmup):
+                model(x)
+            _sync(s.device)
+            events = s.device == "cuda"
+            if events:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+            start = time.perf_counter()
+            for _ in range(s.iterations):
+                model(x)
+            if events:
+                end.record()
+            _sync(s.device)
+            wall = time.perf_counter() - start
+            gpu_ms = begin.elapsed_time(end) if events else wall * 1e3
+            rows.append(row(f"resnet18 batch {batch}: {'GPU' if events else 'CPU'} time per image", gpu_ms / (s.iterations * batch), "ms"))
+            rows.append(row(f"resnet18 batch {batch}: images/s", s.iterations * batch / wall, "images/s"))
+    notes = f"fp32, weights=None, eval, no_grad; {s.warmup} warm-up then {s.iterations} batches; per-image time from CUDA events, images/s from the synchronized wall clock"
+    return {"rows": rows, "notes": notes}
+
+
+# -- c. preprocess -> classify: two actors vs one --
+
+
+def _transform() -> Any:
+    import torch
+
+    try:
+        from torchvision.transforms import v2
+
+        return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    except ImportError:  # torchvision < 0.16
+        from torchvision import transforms
+
+        return transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+
+def _zero_copy() -> str:
+    """Use pipeline_ir's zero-copy tensor serializer, as a pipeline would."""
+    try:
+        import torch  # noqa: F401  (the serializer registers only once torch is loaded)
+
+        from pipeline_ir.backends.serialization import ensure_registered
+
+        ensure_registered()
+        return "pipeline_ir zero-copy"
+    except Exception as e:
+        return f"Ray's default ({type(e).__name__})"
+
+
+class Preprocess:
+    def __init__(self) -> None:
+        self.transform = _transform()
+        self.serializer = _zero_copy()
+
+    def run(self, images: list[Any]) -> Any:
+        import torch
+
+        return torch.stack([self.transform(image) for image in images])
+
+    def serializer_used(self) -> str:
+        return self.serializer
+
+
+class Classify:
+    def __init__(self, device: str) -> None:
+        import torch
+        import torchvision
+
+        _seed()
+        self.device = device
+        self.model = torchvision.models.resnet18(weights=None).eval().to(device)
+        self.serializer = _zero_copy()
+        with torch.no_grad():
+            self.model(torch.zeros(1, 3, 224, 224, device=device))
+
+    def run(self, batch: Any) -> list[int]:
+        import torch
+
+        with torch.no_grad():
+            labels: list[int] = self.model(batch.to(self.device)).argmax(1).tolist()
+        return labels
+
+
+class Both:
+    """One GPU actor: preprocess, then classify."""
+
+    def __init__(self, device: str) -> None:
+        self.preprocess = Preprocess()
+        self.classify = Classify(device)
+
+    def run(self, images: list[Any]) -> list[int]:
+        return self.classify.run(self.preprocess.run(images))
+
+
+def pipeline(ray: Any, s: Settings) -> dict[str, Any]:
+    import numpy as np
+
+    pre = ray.remote(num_cpus=1)(Preprocess).remote()
+    cls = ray.remote(num_gpus=s.gpus)(Classify).remote(s.device)
+    both = ray.remote(num_gpus=s.gpus)(Both).remote(s.device)
+    rng = np.random.default_rng(SEED)
+    rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    try:
+        ways = {
+            "preprocess actor (CPU) -> classifier actor (GPU)": lambda images: cls.run.remote(pre.run.remote(images)),
+            "one GPU actor doing both": lambda images: both.run.remote(images),
+        }
+        for batch in s.batches:
+            images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(batch)]
+            times: dict[str, list[float]] = {label: [] for label in ways}
+            for n in range(s.calls + s.warmup):  # interleaved
+                for label, call in ways.items():
+                    if label in skipped:
+                        continue
+                    start = time.perf_counter()
+                    try:
+                        ray.get(call(images), timeout=CALL_TIMEOUT_S)
+                    except Exception as e:  # this way fails: record it, keep the other
+                        skipped[label] = f"failed: {type(e).__name__}: {e}"[:2000]
+                        continue
+                    if n >= s.warmup:
+                        times[label].append(time.perf_counter() - start)
+            for label, taken in times.items():
+                if not taken:
+                    continue
+                taken.sort()
+                rows.append(row(f"batch {batch}: {label}: p50", taken[len(taken) // 2] * 1e3, "ms"))
+                rows.append(row(f"batch {batch}: {label}: p99", taken[min(len(taken) - 1, int(len(taken) * 0.99))] * 1e3, "ms"))
+        serializer = ray.get(pre.serializer_used.remote(), timeout=CALL_TIMEOUT_S)
+        notes = f"224x224 uint8 images; transform ToImage, ToDtype(float32, scale), Normalize; {s.calls} calls after {s.warmup} warm-up, interleaved; tensors between actors: {serializer}"
+        return {"rows": rows, "skipped": skipped, "notes": notes}
+    finally:
+        for actor in (pre, cls, both):
+            ray.kill(actor)
+
+
+# -- the run --
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine(s: Settings) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "mode": "cpu-smoke" if s.smoke else "gpu",
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "ray": _version("ray"),
+        "numpy": _version("numpy"),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), gpus=torch.cuda.device_count())
+    else:
+        info["gpu"] = None
+    return info
+
+
+# -- d. pipeline_ir's dynamic batching of a GPU model step --
+
+
+class _BatchedClassifier:
+    """resnet18 over a list of images (max_batch_size): one forward a batch."""
+
+    def __init__(self, device: str) -> None:
+        import torchvision
+
+        _seed()
+        self.device = device
+        self.model = torchvision.models.resnet18(weights=None).eval().to(device)
+
+    def __call__(self, images: list[Any]) -> list[int]:
+        import torch
+
+        with torch.no_grad():
+            x = torch.stack(images).to(self.device)
+            return [int(i) for i in self.model(x).argmax(1).tolist()]
+
+
+class _OneClassifier(_BatchedClassifier):
+    """The same model, one image a call."""
+
+    def __call__(self, image: Any) -> int:  # type: ignore[override]
+        return super().__call__([image])[0]
+
+
+def batching(ray: Any, s: Settings) -> dict[str, Any]:
+    import torch
+
+    import pipeline_ir as pl
+
+    images = [torch.randn(3, 224, 224) for _ in range(8)]
+    calls = 16 if s.smoke else 512
+    in_flight = 8 if s.smoke else 128
+    rows = []
+    rates: dict[str, float] = {}
+    variants = {
+        "unbatched": pl.step(_OneClassifier, execution_mode="actors", num_gpus=s.gpus or None),
+        "max_batch_size=16": pl.step(
+            _BatchedClassifier, execution_mode="actors", num_gpus=s.gpus or None, max_batch_size=16, batch_wait_timeout_s=0.005
+        ),
+    }
+    for label, step in variants.items():
+        with step(s.device)(pl.INPUT).deploy() as p:
+            list(p.map([images[i % 8] for i in range(2 * in_flight)], max_in_flight=in_flight))  # warm up
+            start = time.perf_counter()
+            list(p.map([images[i % 8] for i in range(calls)], max_in_flight=in_flight, timeout=CALL_TIMEOUT_S))
+            wall = time.perf_counter() - start
+            figures = p.stats()
+        rates[label] = calls / wall
+        rows.append(row(f"pipeline_ir ACTORS resnet18, {label}, {in_flight} calls in flight: images/s", rates[label], "images/s"))
+        batch = next(iter(figures.values())).get("mean_batch_size")
+        if batch is not None:
+            rows.append(row(f"pipeline_ir ACTORS resnet18, {label}: mean batch size", float(batch), "items"))
+    rows.append(row("dynamic batching throughput ratio (batched / unbatched)", rates["max_batch_size=16"] / rates["unbatched"], "x"))
+    notes = f"{calls} calls of one 3x224x224 CPU tensor each, {in_flight} in flight (Pipeline.map), one GPU replica; batch_wait_timeout_s=5 ms"
+    return {"rows": rows, "notes": notes}
+
+
+PARTS: dict[str, Callable[[Any, Settings], dict[str, Any]]] = {
+    "a_transfer": transfer,
+    "b_resnet18": resnet,
+    "c_pipeline": pipeline,
+    "d_batching": batching,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU: checks that the script runs")
+    args = parser.parse_args(argv)
+    s = Settings(args.cpu_smoke)
+    out = Path(os.environ.get("OUT") or "gpu_out")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gpu_bench.json"
+    report: dict[str, Any] = {"machine": {}, "parts": {}}
+
+    def save() -> None:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+    try:
+        report["machine"] = machine(s)
+    except Exception:
+        report["machine"] = {"error": traceback.format_exc(limit=3)}
+    save()
+    if not s.smoke and not report["machine"].get("gpu"):
+        report["error"] = "no CUDA device: run with --cpu-smoke on a machine without a GPU"
+        save()
+        print(report["error"], file=sys.stderr)
+        return 1
+    import ray
+
+    # A Ray of its own (never another user's `ray start` on this machine);
+    # smoke: logical CPUs enough for every actor of a part (a GPU machine has 16).
+    options = {"num_gpus": 0, "num_cpus": 4} if s.smoke else {}
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, **options)
+    failed = False
+    try:
+        for name, part in PARTS.items():
+            start = time.monotonic()
+            print(f"== {name}", flush=True)
+            try:
+                result = part(ray, s)
+            except Exception:
+                result = {"error": traceback.format_exc(limit=6)}
+                failed = True
+                print(result["error"], file=sys.stderr)
+            result["seconds"] = round(time.monotonic() - start, 1)
+            report["parts"][name] = result
+            save()
+            for r in result.get("rows", []):
+                print(f"  {r['label']:<72} {r['value']:>10.4g} {r['unit']}")
+            for label, reason in result.get("skipped", {}).items():
+                print(f"  {label:<72} not run: {reason}")
+            print(f"  ({result['seconds']} s)", flush=True)
+    finally:
+        ray.shutdown()
+    print(f"wrote {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
