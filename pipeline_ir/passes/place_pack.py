@@ -139,15 +139,19 @@ def _fits(units: list[RemoteUnit], cluster: Cluster) -> bool:
 
 def _pack(units: list[RemoteUnit], cluster: Cluster, use: Use) -> list[str]:
     bins = [_Bin(n, *_room(n, use)) for n in cluster.nodes]
+    # Work without GPUs tries nodes without GPUs first, as Ray's scheduler
+    # keeps GPU nodes for GPU work (sorted once: stable, so first fit within each kind).
+    cpu_first = sorted(bins, key=lambda b: b.node.total.gpu > 0)
     actors = [u for u in units if u.actors]
     order = sorted(actors, key=lambda u: (u.hold.gpu, u.hold.cpu, u.start.cpu), reverse=True)
     placed: dict[int, list[str]] = {}
     for u in order:
         where = placed[id(u)] = []
         for _ in range(u.replicas):
-            b = _first_fit(bins, u.start)
+            nodes = bins if u.start.gpu > 0 else cpu_first
+            b = _first_fit(nodes, u.start)
             if b is None:
-                raise _no_room(u, len(where), bins, actors, cluster, use)
+                raise _no_room(u, len(where), nodes, actors, cluster, use)
             b.cpu -= u.hold.cpu
             b.gpu -= u.hold.gpu
             where.append(b.node.name)
@@ -170,10 +174,7 @@ def _room(node: ClusterNode, use: Use) -> tuple[float, float]:
 
 
 def _first_fit(bins: list[_Bin], need: Resources) -> _Bin | None:
-    # Work without GPUs tries nodes without GPUs first, as Ray's scheduler
-    # keeps GPU nodes for GPU work.
-    ordered = bins if need.gpu > 0 else sorted(bins, key=lambda b: b.node.total.gpu > 0)
-    return next((b for b in ordered if b.fits(need)), None)
+    return next((b for b in bins if b.fits(need)), None)
 
 
 def _count(n: int, what: str) -> str:
