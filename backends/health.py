@@ -9,7 +9,10 @@ fail with a StepError naming its step and why, or run again on another
 replica for `idempotent=True` steps, so no call waits on it forever.
 
 The same loop ends replicas still busy with a call abandoned past its
-grace (a deadline passed; Ray cannot interrupt a running actor call).
+grace (a deadline passed; Ray cannot interrupt a running actor call), and,
+every period, asks each pool to start the replicas that no alive node could
+host (their only capable node was lost) once a node that fits has joined
+(`Pool.place`); until then the pool fails their calls at once.
 
 Pings are sent without waiting, and their answers looked at on later
 ticks, so one hung replica never delays the checks of the others. Between
@@ -70,6 +73,8 @@ class HealthMonitor:
         self._collect(now)
         if now >= self._next_ping:
             self._next_ping = now + self.policy.health_check_period_s
+            for pool in pools:
+                pool.place()  # replicas no node could host: retried as nodes join
             pinged = {id(slot) for _, slot, _, _ in self._pings}
             for pool in pools:
                 for slot in pool.live_slots():

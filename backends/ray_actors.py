@@ -65,7 +65,7 @@ from pipeline_ir.backends.worker import Unit, unit_keys
 from pipeline_ir.bindings import Bindings
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Fused
-from pipeline_ir.errors import PipelineTimeoutError
+from pipeline_ir.errors import PipelineTimeoutError, StepError
 from pipeline_ir.options import DeployOptions
 
 # How long close() waits for killed replicas on this machine to exit.
@@ -112,6 +112,9 @@ class Pool:
         # Replicas an update() replaced, finishing the calls they had.
         self.retired: list[_Slot] = []
         self._ended: list[str] = []  # actor ids of replicas replaced since deploy
+        # Why no replica can start now (no alive node could host one), while
+        # a dead one waits for a node; the health monitor retries (place()).
+        self.unplaced: str | None = None
         self.uses_channel = channel
         self.channel: Channel | None = None
         self.options = dict(options)
@@ -201,7 +204,16 @@ class Pool:
             slot.dead = True
 
     def _replace_dead(self) -> None:
-        """Start a new replica in place of each one known to be dead."""
+        """Start a new replica in place of each one known to be dead, when
+        some alive node could host it. Else they stay dead, `unplaced` says
+        why, and the health monitor tries again (place()): Ray would keep
+        such a replica pending, and the calls sent to it waiting, until a
+        node that fits joins."""
+        with self._lock:
+            if self.unplaced is not None or not any(s.dead and not s.replaced for s in self.slots):
+                return
+        if self._unplaceable():  # asks Ray for its nodes: only when a replica died
+            return
         with self._lock:
             dead = [s for s in self.slots if s.dead and not s.replaced]
             for slot in dead:
@@ -220,20 +232,56 @@ class Pool:
                     continue
             ray.kill(new.handle)  # closed meanwhile
 
-    def _pick(self) -> _Slot:
+    def _unplaceable(self) -> bool:
+        """Whether no alive node of the cluster could ever host a replica
+        (its resources exceed every node's totals); sets `unplaced`."""
+        short = ray_runtime.shortfall(self.options)
+        why = None
+        if short is not None:
+            want, have = short
+            why = (
+                f"no alive node of the Ray cluster can host a replica: one needs {want} "
+                f"(largest alive node: {have}); calls fail until a node with {want} joins"
+            )
+        with self._lock:
+            self.unplaced = why
+        return why is not None
+
+    def place(self) -> None:
+        """Health monitor, every period: start the replicas no node could
+        host before, once one can; end the replicas still starting that no
+        alive node can host any more (their node was lost after they were
+        sent to it), so that the calls queued on them fail now."""
+        with self._lock:
+            starting = [s for s in self.slots if s.actor_id is None and not s.dead]
+            waiting = self.unplaced is not None
+        if not starting and not waiting:
+            return
+        if not self._unplaceable():
+            self._replace_dead()
+            return
+        for slot in starting:
+            self.end_replica(slot, self.unplaced or "")
+
+    def _pick(self) -> _Slot | None:
         """The live replica with the fewest calls in flight; ties are
-        broken round-robin. Called under the lock."""
+        broken round-robin. Replicas still starting take calls only when
+        none is up (a call sent to one waits for its constructor, or for
+        resources). None: every replica is dead and none can be started.
+        Called under the lock."""
         n = len(self.slots)
         best: _Slot | None = None
         for k in range(n):
             slot = self.slots[(self._next + k) % n]
             if slot.dead or slot.draining:
                 continue  # being replaced, or busy with an abandoned call
-            if best is None or slot.in_flight < best.in_flight:
+            if best is None or (slot.actor_id is None, slot.in_flight) < (best.actor_id is None, best.in_flight):
                 best = slot
-                if slot.in_flight == 0:
+                if slot.in_flight == 0 and slot.actor_id is not None:
                     break
         if best is None:
+            if self.unplaced is not None and all(s.dead for s in self.slots):
+                return None
             best = self.slots[self._next % n]  # all being replaced: this call fails, named
         self._next = (best.index + 1) % n
         return best
@@ -250,7 +298,14 @@ class Pool:
             if self.closed:
                 raise RuntimeError(f"the replicas of step {self.unit.label!r} were shut down")
             slot = self._pick()
-            slot.in_flight += 1
+            if slot is not None:
+                slot.in_flight += 1
+            unplaced = self.unplaced
+        if slot is None:
+            # No replica, and none can start: fail now rather than queue
+            # the call on an actor Ray cannot place.
+            label = self.unit.label
+            raise StepError(label, node_id, message=f"step {label!r} (node %{node_id}): {unplaced}")
         state = calls.current()
         started = self.stats.submitted(node_id) if self.stats is not None else 0.0
         # Submitted outside the lock: Ray's callback thread takes it in

@@ -209,6 +209,20 @@ class Colocation:
         return {} if label is None else prefer_node(self.node(label))
 
 
+def shortfall(options: dict[str, object]) -> tuple[str, str] | None:
+    """None when some alive node's total resources fit one unit with
+    these resource options (it may be busy now); else (what one needs, what
+    the largest alive node has), e.g. ("CPU=1, GPU=1", "CPU=2, GPU=0")."""
+    needs = {"CPU": float(options.get("num_cpus", 1.0)), "GPU": float(options.get("num_gpus", 0.0))}  # type: ignore[arg-type]
+    list_nodes: Any = ray.nodes
+    nodes: list[dict[str, float]] = [n.get("Resources", {}) for n in list_nodes() if n.get("Alive")]
+    if any(all(res.get(k, 0.0) >= v for k, v in needs.items() if v > 0) for res in nodes):
+        return None
+    largest: dict[str, float] = max(nodes, key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)), default={})
+    have = ", ".join(f"{k}={largest.get(k, 0.0):g}" for k in needs)
+    return ", ".join(f"{k}={v:g}" for k, v in needs.items()), have
+
+
 @dataclass(frozen=True)
 class ReplicaInfo:
     """What the caller knows of one live actor replica."""
