@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from pipeline_ir.backends import calls
 from pipeline_ir.backends.codegen import Launcher, PythonCode, generate, translate_error
@@ -23,6 +23,9 @@ from pipeline_ir.bindings import Bindings
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Mode
 from pipeline_ir.options import DeployOptions
+
+if TYPE_CHECKING:
+    from pipeline_ir.passes.place_cluster import Cluster
 
 
 @dataclass
@@ -128,12 +131,13 @@ def needs_ray(graph: Graph) -> bool:
     return bool(graph.modes() & {"tasks", "actors"})
 
 
-def cluster_gpus() -> float:
-    """The GPUs of the Ray cluster this process joins (starting Ray if
-    needed): what the place_gpu pass decides with at deploy."""
+def cluster_snapshot() -> Cluster:
+    """The alive nodes of the Ray cluster this process joins (starting Ray
+    if needed) and their resources: what the place pass decides with at
+    deploy."""
     from pipeline_ir.backends import ray_runtime
 
-    return ray_runtime.cluster_gpus()
+    return ray_runtime.cluster_snapshot()
 
 
 def local_keys(graph: Graph) -> list[str]:
@@ -156,9 +160,9 @@ def lower(graph: Graph, bindings: Bindings, options: DeployOptions | None = None
 
             ray_runtime.ensure_ray()
             runtime.update(ray_runtime.runtime_globals(graph))
-        # colocate label -> Ray node id. Actors are placed first, so tasks
-        # sharing a label with them follow them to their node.
-        colocation: dict[str, str] = {}
+            # colocate label -> the Ray node its units prefer. Actors are
+            # started first, so tasks sharing a label follow them.
+            colocation = ray_runtime.Colocation()
         if "actors" in used:
             from pipeline_ir.backends.ray_actors import ActorLauncher
 

@@ -1,11 +1,16 @@
 """The ACTORS backend: each remote step (or fused group) is a pool of actors.
 
 At deploy, every ACTORS step, or ACTORS fused group, gets a `Pool` of
-`num_replicas` `Replica` actors. A replica hosts one unit (backends/
-worker.py): it builds the step objects in its constructor (class steps run
-`__init__` once per replica, with their init args) and then runs calls one
-at a time, in order. deploy() returns once every replica is ready, so a
-constructor's exception fails deploy() as a StepError naming the step.
+`num_replicas` `Replica` actors (replica.py). A replica hosts one unit
+(backends/worker.py): it builds the step objects in its first call,
+`ready()` (class steps run `__init__` once per replica, with their init
+args) and then runs calls one at a time. deploy() returns once every
+replica is ready, so a constructor's exception fails deploy() as a
+StepError naming the step; replicas not ready within `deploy_timeout_s`
+fail it as a PipelineTimeoutError saying, per replica, whether Ray has
+started its process (`where()` answered: the constructor is still
+running) or not (it waits for resources), and every actor started is
+killed.
 
 Generated code submits through the pool, which routes each call to the
 replica with the fewest calls in flight (ties go round-robin, so a pool
@@ -29,6 +34,10 @@ for later calls; its calls in flight fail, none is retried
 (briefly) until the processes on this machine are gone.
 
 Placement follows the IR: resources per replica and the `colocate` label.
+Whether the replicas fit was decided before anything starts (the place
+pass); a label's first replica goes where Ray puts it, and the rest of
+the label's units prefer that node while it has room, and run elsewhere
+when it has none (ray_runtime.Colocation).
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ import ray
 
 from pipeline_ir.backends import calls, ray_runtime
 from pipeline_ir.backends.ray_channels import Channel
-from pipeline_ir.backends.ray_runtime import colocate_strategy, resource_options, submit_expr
+from pipeline_ir.backends.ray_runtime import Colocation, resource_options, submit_expr
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.backends.replica import RemoteReplica, call_concurrency
 from pipeline_ir.backends.stats import PipelineStats
@@ -70,6 +79,7 @@ class _Slot:
     index: int
     handle: Any
     ready_ref: Any
+    up_ref: Any = None  # where(): answered once the process is up, before the unit is built
     actor_id: str | None = None  # known once the replica is up (ready())
     pid: int | None = None
     node: str | None = None
@@ -117,6 +127,9 @@ class Pool:
         self._next = 0  # where the round-robin tie-break starts
         self._lock = threading.Lock()
         self._compiling = threading.Lock()  # one channel compiled at a time
+        # Ray options of each replica started from now on: where its
+        # colocate label points then (set by ActorLauncher).
+        self.affinity: Callable[[], dict[str, object]] = dict
 
     def start(self, count: int | None = None) -> None:
         """Start replicas until the pool has `count` (default: all)."""
@@ -128,9 +141,15 @@ class Pool:
         # Out of order: a call whose input is not ready yet must not hold
         # back the calls (and health checks) sent after it (Ray otherwise
         # runs a one-thread actor's tasks in submission order).
-        options = {**self.options, "max_concurrency": call_concurrency(unit), "allow_out_of_order_execution": True}
+        options = {
+            **self.options,
+            **self.affinity(),
+            "max_concurrency": call_concurrency(unit),
+            "allow_out_of_order_execution": True,
+        }
         handle = RemoteReplica.options(**options).remote(unit)
-        slot = _Slot(index, handle, handle.ready.remote())
+        up = handle.where.remote()  # on the control thread: answers before the unit is built
+        slot = _Slot(index, handle, handle.ready.remote(), up)
         # The future keeps the ref alive until Ray runs the callback.
         slot.ready_ref.future().add_done_callback(functools.partial(self._on_up, slot))
         return slot
@@ -159,19 +178,26 @@ class Pool:
         )
         ray_runtime.register_replica(actor_id, info)
 
-    def wait_ready(self) -> None:
-        """Block until every replica is built; record pids and nodes."""
-        slots = [s for s in self.slots if s.pid is None]
-        try:
-            placed = ray.get([s.ready_ref for s in slots])
-        except ray.exceptions.RayError as e:
-            error = ray_runtime.step_error(e, self.unit.graph, self.node_ids[0])
-        else:
-            # The callbacks may not have run yet: record here too (once).
-            for slot, (pid, node, actor_id) in zip(slots, placed):
+    def wait_ready(self, deadline: float | None = None) -> None:
+        """Block until every replica is built; record pids and nodes. Past
+        `deadline` (time.monotonic()), raise PipelineTimeoutError naming
+        the replicas not ready, and what they wait for."""
+        pending = {s.ready_ref: s for s in self.slots if s.pid is None}
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            if not done:
+                raise not_ready(self, list(pending.values()))
+            slot = pending.pop(done[0])
+            try:
+                pid, node, actor_id = ray.get(done[0])
+            except ray.exceptions.RayError as e:
+                error = ray_runtime.step_error(e, self.unit.graph, self.node_ids[0])
+            else:
+                # The callback may not have run yet: record here too (once).
                 self._record(slot, pid, node, actor_id)
-            return
-        raise error
+                continue
+            raise error
 
     def _mark_dead(self, slot: _Slot) -> None:
         with self._lock:
@@ -522,16 +548,58 @@ class Pool:
 
 
 def _learn_placement(slot: _Slot) -> None:
-    """Fill in the pid and node of a replica started after deploy (a
-    replacement) if it is up by now, without waiting for it."""
-    if slot.pid is not None:
+    """Fill in the pid and node of a replica not known to be ready (a
+    replacement, or one a deploy gave up on) if its process is up by now,
+    without waiting for it."""
+    if slot.pid is not None or slot.up_ref is None:
         return
-    ready, _ = ray.wait([slot.ready_ref], timeout=0)
-    if ready:
+    up, _ = ray.wait([slot.up_ref], timeout=0)
+    if up:
         try:
-            slot.pid, slot.node, slot.actor_id = ray.get(ready[0])
+            slot.pid, slot.node, _actor = ray.get(up[0])
         except ray.exceptions.RayError:
             pass  # it failed to start: no process to wait for
+
+
+def not_ready(pool: Pool, slots: list[_Slot]) -> PipelineTimeoutError:
+    """The error of a deploy whose `slots` of `pool` were not ready in
+    time: for each, whether Ray has started its process (its constructor
+    is running) or not (waiting for resources)."""
+    building: list[str] = []
+    waiting: list[str] = []
+    for slot in slots:
+        up = [] if slot.up_ref is None else ray.wait([slot.up_ref], timeout=0)[0]
+        if up:
+            try:
+                pid, node, _actor = ray.get(up[0])
+            except ray.exceptions.RayError:
+                waiting.append(str(slot.index))
+                continue
+            building.append(f"{slot.index} (pid {pid} on node {node[:8]})")
+        else:
+            waiting.append(str(slot.index))
+    label = pool.unit.label
+    parts = []
+    if building:
+        parts.append(f"{_replicas(building)} still running {'its constructor' if len(building) == 1 else 'their constructors'}")
+    if waiting:
+        needs = ", ".join(f"{k}={v:g}" for k, v in pool.options.items() if k in ("num_cpus", "num_gpus"))
+        they = "it waits" if len(waiting) == 1 else "they wait"
+        parts.append(
+            f"{_replicas(waiting)} not started by Ray: {they} for resources ({needs or 'CPU=1 to start'} per replica) "
+            "no node has free, or for a worker process"
+        )
+    return PipelineTimeoutError(
+        f"deploy(): step {label!r} was not ready within deploy_timeout_s: " + "; ".join(parts)
+        + ". Every actor the deploy started was stopped. Make the constructor return sooner, free or add "
+        "resources, or deploy(deploy_timeout_s=...) to wait longer",
+        step_name=label,
+        node_id=pool.node_ids[0],
+    )
+
+
+def _replicas(which: list[str]) -> str:
+    return f"replica{'' if len(which) == 1 else 's'} {', '.join(which)}"
 
 
 def _wait_exit(pids: list[int]) -> None:
@@ -554,6 +622,29 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _wait_up(pool: Pool, deadline: float) -> None:
+    """Wait until the pool's first replica has a process (not until it is
+    built: constructors of every pool run at once), and note its node."""
+    slot = pool.slots[0]
+    up, _ = ray.wait([slot.up_ref], timeout=max(0.0, deadline - time.monotonic()))
+    if not up:
+        raise not_ready(pool, [slot])
+    try:
+        _pid, slot.node, _actor = ray.get(up[0])
+    except ray.exceptions.RayError as e:
+        error = ray_runtime.step_error(e, pool.unit.graph, pool.node_ids[0])
+        raise error from None
+
+
+def _live_node(pool: Pool) -> str | None:
+    """The node of a live replica of `pool` (None while none is known):
+    where a colocate label anchored on the pool points now."""
+    for slot in list(pool.slots):
+        if not slot.dead and slot.node is not None:
+            return slot.node
+    return None
+
+
 class ActorLauncher:
     """Starts the replica pools of a graph and spells calls into them."""
 
@@ -563,12 +654,12 @@ class ActorLauncher:
         self,
         graph: Graph,
         bindings: Bindings,
-        colocation: dict[str, str] | None = None,
+        colocation: Colocation | None = None,
         stats: PipelineStats | None = None,
         policy: DeployOptions | None = None,
     ) -> None:
         self.graph = graph
-        self.colocation = {} if colocation is None else colocation
+        self.colocation = Colocation() if colocation is None else colocation
         self.stats = stats
         self.policy = policy if policy is not None else DeployOptions()
         self.pools: dict[str | int, Pool] = {}
@@ -585,22 +676,25 @@ class ActorLauncher:
                     stats.batch_sources.append(pool.batch_stats)
 
     def _start(self, bindings: Bindings) -> None:
+        """Start every pool, then wait (until `deploy_timeout_s` is spent)
+        for every replica to be built. Whether they fit was decided before
+        (the place pass); here they are only started."""
+        deadline = time.monotonic() + self.policy.deploy_timeout_s
         ray_runtime.ship_code(b.target for b in bindings.steps.values())
         for key, unit, size, options, label, channel in self._units(bindings):
-            ray_runtime.check_feasible(unit.label, options, "replica")
             base = {"max_restarts": 0, "max_task_retries": 0, **options}
             pool = self.pools[key] = Pool(unit, size, base, channel, self.stats, self.policy)
-            if label is not None and label not in self.colocation:
-                # The first replica with a label picks the node; the rest follow it.
-                pool.start(1)
-                pool.wait_ready()
-                node = pool.slots[0].node
-                assert node is not None
-                self.colocation[label] = node
-            pool.options.update(colocate_strategy(label, self.colocation))
+            if label is not None:
+                if label not in self.colocation:
+                    # The label's first replica goes where Ray puts it; the
+                    # label then follows this pool's live replicas.
+                    pool.start(1)
+                    _wait_up(pool, deadline)
+                    self.colocation.follow(label, functools.partial(_live_node, pool))
+                pool.affinity = functools.partial(self.colocation.options, label)
             pool.start()
         for pool in self.pools.values():
-            pool.wait_ready()
+            pool.wait_ready(deadline)
             if pool.uses_channel:
                 pool.open_channel()
 

@@ -9,8 +9,11 @@
   into the StepError a user sees; no RayTaskError ever reaches the caller.
 - `ship_code(...)`: steps from modules Ray's workers cannot import travel
   by value, as `__main__` code does with plain `ray.remote`.
+- `cluster_snapshot()`: the cluster's nodes and resources, as plain data
+  for the place pass (which decides; nothing here does).
 - What both launchers (ray_tasks.py, ray_actors.py) spell the same way:
-  `submit_expr`, `resource_options`, `colocate_strategy`, `check_feasible`.
+  `submit_expr`, `resource_options`, and `Colocation` (which node a
+  `colocate` label prefers now) with `prefer_node`.
 - A registry of live replicas by actor id, so that an actor's death,
   wherever it surfaces (its own result, or the result of a node that read
   it), is reported under the right step and the replica is replaced.
@@ -27,19 +30,22 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import msgspec
 import ray
 import ray.exceptions
 from ray.experimental.compiled_dag_ref import CompiledDAGRef
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline_ir.backends import calls
 from pipeline_ir.backends.serialization import ensure_registered
-from pipeline_ir.errors import PlacementError, StepError
+from pipeline_ir.errors import StepError
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Fused, Placement
 from pipeline_ir.ir.printer import node_label
+
+if TYPE_CHECKING:
+    from pipeline_ir.passes.place_cluster import Cluster, Resources
 
 _init_lock = threading.Lock()
 
@@ -55,11 +61,53 @@ def ensure_ray() -> None:
     ensure_registered()
 
 
-def cluster_gpus() -> float:
-    """How many GPUs the Ray cluster has (logical resources included)."""
+def cluster_snapshot() -> Cluster:
+    """The alive nodes of the Ray cluster and their resources, in total
+    and available now: the plain data the place pass decides with.
+
+    Totals come from `ray.nodes()` (public). Ray has no public per-node
+    view of what is free: `ray.available_resources()` sums the cluster,
+    and `ray.util.state.list_nodes()` reports totals only (and needs the
+    dashboard). So the free part is read with `ray._private.state.
+    available_resources_per_node()`, here only; where that fails (a
+    future Ray, Ray Client) the snapshot says so and `available` equals
+    `total`.
+    """
+    from pipeline_ir.passes.place_cluster import Cluster, ClusterNode
+
     ensure_ray()
-    resources: Any = ray.cluster_resources
-    return float(resources().get("GPU", 0.0))
+    list_nodes: Any = ray.nodes
+    alive = [n for n in list_nodes() if n.get("Alive")]
+    free: dict[str, dict[str, float]] | None
+    try:
+        from ray._private import state
+
+        per_node: Any = state.available_resources_per_node
+        free = dict(per_node())
+    except Exception:  # a private API: any failure means "not known"
+        free = None
+    nodes = []
+    for n in alive:
+        node_id = str(n["NodeID"])
+        total = _resources(n.get("Resources", {}))
+        available = total if free is None else _resources(free.get(node_id, {}))
+        nodes.append(ClusterNode(id=node_id, total=total, available=available, address=str(n.get("NodeManagerAddress", ""))))
+    # Distinct names in records: several nodes of one machine share an address.
+    named = [n.address for n in nodes]
+    if len(set(named)) < len(named):
+        nodes = [msgspec.structs.replace(n, address=f"{n.address}/{n.id[:8]}") for n in nodes]
+    return Cluster(nodes=tuple(nodes), available_known=free is not None)
+
+
+def _resources(raw: dict[str, float]) -> Resources:
+    from pipeline_ir.passes.place_cluster import Resources
+
+    # "node:<ip>" and "node:__internal_head__" mark nodes; they are not capacity.
+    custom = tuple(sorted((k, float(v)) for k, v in raw.items() if k not in _BUILTIN and not k.startswith("node:")))
+    return Resources(cpu=float(raw.get("CPU", 0.0)), gpu=float(raw.get("GPU", 0.0)), memory=float(raw.get("memory", 0.0)), custom=custom)
+
+
+_BUILTIN = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 
 
 def ship_code(targets: Iterable[object]) -> None:
@@ -113,34 +161,52 @@ def resource_options(placement: Placement) -> dict[str, object]:
     return options
 
 
-def colocate_strategy(label: str | None, colocation: dict[str, str]) -> dict[str, object]:
-    """Ray options putting work with a colocate label on the label's node.
+def prefer_node(node: str | None) -> dict[str, object]:
+    """Ray options that run work on `node` when it has room now, and
+    anywhere else when it has not (busy, lost, or None: no preference).
 
-    The first unit placed with a label fixes its node (actors are placed
-    first, at deploy; a label only tasks carry takes the caller's node).
-    Affinity is soft: when that node lacks the resources Ray places the work
-    elsewhere rather than never (docs/backends.md)."""
-    if label is None:
-        return {}
-    node = colocation.setdefault(label, ray.get_runtime_context().get_node_id())
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=True)}
-
-
-def check_feasible(label: str, options: dict[str, object], what: str) -> None:
-    """Fail at deploy, naming the step, when no node of the cluster could
-    ever run one `what` (task, replica) with these resources: Ray would
-    otherwise keep it pending, and a call would wait forever.
-
-    Nodes an autoscaler has yet to add are not counted (docs/backends.md).
+    A label selector on the node's `ray.io/node-id` label with a fallback
+    to any node (`fallback_strategy`, public, experimental in Ray 2.60).
+    Not `NodeAffinitySchedulingStrategy(soft=True)`: that moves work only
+    when the node is dead or infeasible, and waits forever when it is
+    merely busy (docs/backends.md, Colocation).
     """
-    short = shortfall(options)
-    if short is None:
-        return
-    want, have = short
-    raise PlacementError(
-        f"step {label!r}: one {what} needs {want}, but no node of the Ray cluster has that much "
-        f"(largest node: {have}); lower num_cpus/num_gpus on the step, or run on a cluster with such a node"
-    )
+    if node is None:
+        return {}
+    return {"label_selector": {"ray.io/node-id": node}, "fallback_strategy": [{"label_selector": {}}]}
+
+
+class Colocation:
+    """colocate label -> the Ray node the label's units prefer, now.
+
+    A label that actors carry follows the first of them started (its pool
+    is the label's *anchor*): the node of a live replica of that pool,
+    asked again each time, so that once the node is lost and the replica
+    replaced, the label follows the new replica, and while none is up it
+    prefers no node. A label only tasks carry takes the caller's node.
+    """
+
+    def __init__(self) -> None:
+        self._where: dict[str, Callable[[], str | None]] = {}
+
+    def __contains__(self, label: str) -> bool:
+        return label in self._where
+
+    def follow(self, label: str, where: Callable[[], str | None]) -> None:
+        """Let `label` follow `where()`, unless it already follows something."""
+        self._where.setdefault(label, where)
+
+    def node(self, label: str) -> str | None:
+        """The node `label`'s units prefer now (None: none)."""
+        where = self._where.get(label)
+        if where is None:
+            here = ray.get_runtime_context().get_node_id()
+            where = self._where[label] = lambda: here
+        return where()
+
+    def options(self, label: str | None) -> dict[str, object]:
+        """Ray options preferring `label`'s node now ({} for no label)."""
+        return {} if label is None else prefer_node(self.node(label))
 
 
 def shortfall(options: dict[str, object]) -> tuple[str, str] | None:

@@ -20,7 +20,9 @@ and not otherwise, so a TASKS class step must not rely on state kept
 between calls (an ACTORS step keeps it, per replica).
 
 This module places tasks only where the IR says (resources, `colocate`);
-it decides nothing itself.
+it decides nothing itself (whether they fit: the place pass, at deploy).
+A task with a `colocate` label prefers the label's node as it is at each
+call (ray_runtime.Colocation), and runs elsewhere when that node is busy.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 import ray
 
 from pipeline_ir.backends import calls
-from pipeline_ir.backends.ray_runtime import check_feasible, colocate_strategy, resource_options, ship_code, submit_expr
+from pipeline_ir.backends.ray_runtime import Colocation, prefer_node, resource_options, ship_code, submit_expr
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.backends.stats import PipelineStats
 from pipeline_ir.backends.worker import Unit
@@ -47,25 +49,43 @@ from pipeline_ir.ir.nodes import Call, Fused
 class Task:
     """The callee generated code holds for one step (or fused group)."""
 
-    __slots__ = ("fn", "unit", "stats")
+    __slots__ = ("fn", "unit", "stats", "label", "colocation", "_near")
 
-    def __init__(self, fn: Any, unit: Any, stats: PipelineStats | None = None) -> None:
+    def __init__(
+        self, fn: Any, unit: Any, stats: PipelineStats | None = None, label: str | None = None, colocation: Colocation | None = None
+    ) -> None:
         self.fn = fn
         # In a list: Ray resolves top-level ObjectRef arguments, not nested
         # ones, so the worker gets the ref and fetches the unit only once.
         self.unit = [unit]
         self.stats = stats
+        self.label = label if colocation is not None else None
+        self.colocation = colocation
+        self._near: dict[str, Any] = {}  # node -> fn preferring that node
 
     def submit(self, node_id: int, *args: object, **kwargs: object) -> Any:
         """Start one task; returns its ObjectRef."""
         ensure_registered()  # torch may have been imported since deploy
-        ref = self.fn.remote(self.unit, node_id, *args, **kwargs)
+        ref = self._fn().remote(self.unit, node_id, *args, **kwargs)
         calls.track(ref, node_id, _stop_task)
         if self.stats is not None:
             started = self.stats.submitted(node_id)
             state = calls.current()
             ref.future().add_done_callback(functools.partial(_finished, self.stats, node_id, started, state))
         return ref
+
+    def _fn(self) -> Any:
+        """The remote function, preferring the colocate label's node as it
+        is now: the label follows its actors when they move (a lost node)."""
+        if self.label is None or self.colocation is None:
+            return self.fn
+        node = self.colocation.node(self.label)
+        if node is None:
+            return self.fn
+        fn = self._near.get(node)
+        if fn is None:
+            fn = self._near[node] = self.fn.options(**prefer_node(node))
+        return fn
 
 
 def _finished(
@@ -120,12 +140,12 @@ class TaskLauncher:
     remote = True
 
     def __init__(
-        self, graph: Graph, bindings: Bindings, colocation: dict[str, str] | None = None, stats: PipelineStats | None = None
+        self, graph: Graph, bindings: Bindings, colocation: Colocation | None = None, stats: PipelineStats | None = None
     ) -> None:
         self.graph = graph
         self.stats = stats
         self.bindings = bindings
-        self.colocation = {} if colocation is None else colocation
+        self.colocation = Colocation() if colocation is None else colocation
         self.tasks: dict[str | int, Task] = {}
         ship_code(b.target for b in bindings.steps.values())
         # Class steps are built now, so a constructor error fails deploy()
@@ -141,10 +161,10 @@ class TaskLauncher:
             unit = Unit.of(self.graph, node, self.bindings)
             unit.build()
             placement = self.graph.unit_placement(node)
-            resources = resource_options(placement)
-            check_feasible(unit.label, resources, "task")
-            options = {"max_retries": 0, **resources, **colocate_strategy(placement.colocate, self.colocation)}
-            task = self.tasks[key] = Task(_remote_function(unit, options), ray.put(unit), self.stats)
+            # Whether it fits was decided at deploy (the place pass).
+            options = {"max_retries": 0, **resource_options(placement)}
+            fn = _remote_function(unit, options)
+            task = self.tasks[key] = Task(fn, ray.put(unit), self.stats, placement.colocate, self.colocation)
         return task
 
     def expr(self, node: Call | Fused, callee: str, args: str, is_async: bool = False) -> str:

@@ -1,16 +1,19 @@
 """`Replica`: the Ray actor that hosts one unit of an ACTORS pool.
 
 What runs inside the actor process: it builds the unit's step objects in
-its constructor (class steps run `__init__` once per replica), then runs
-the calls the pool routes to it. Two concurrency groups keep the control
-path apart from the work:
+its first call, `ready()` (class steps run `__init__` once per replica),
+not in the actor's constructor, then runs the calls the pool routes to
+it. `where()`, on the control thread, answers as soon as the process is
+up, so a deploy that times out can tell a replica Ray has not started
+(waiting for resources) from one whose constructor still runs. Two
+concurrency groups keep the control path apart from the work:
 
 - calls (the default group): one at a time for a plain unit, so Ray keeps
   the rest queued, where a deadline can still cancel them; up to
   `max_batch_size` at once for a batched step, whose calls meet in the
   replica's `Batcher` (batching.py) and run as one list;
-- "control" (one thread of its own): `ping` for health checks and
-  `batch_stats`, answered even while a call runs, so a busy replica is
+- "control" (one thread of its own): `where`, `ping` for health checks
+  and `batch_stats`, answered even while a call (or the build) runs, so a busy replica is
   never mistaken for a hung one, and a stopped process (SIGSTOP) or a lost
   node is (health.py).
 
@@ -41,32 +44,47 @@ class Replica:
         self.unit = unit
         self.error: StepError | None = None
         self.batcher: Batcher | None = None
+        self._built = False
+        self._building = threading.Lock()
         # Calls come as actor tasks and, for channel units, also from the
         # compiled graph's loop thread: one at a time all the same.
         self._one_at_a_time = threading.Lock()
-        try:
-            unit.build()
-            batched = unit.batched()
-        except StepError as e:
-            # Kept and raised by ready() and call(): an exception escaping an
-            # actor constructor would reach the caller as a bare ActorDiedError.
-            self.error = shippable(e)
-            return
-        if batched is not None:
-            fn, size, wait = batched
-            self.batcher = Batcher(fn, size, wait, unit.label, unit.node.id, unit.step_error)
+
+    def _build(self) -> None:
+        """Build the unit, once (class steps run `__init__`)."""
+        with self._building:
+            if self._built:
+                return
+            try:
+                self.unit.build()
+                batched = self.unit.batched()
+            except StepError as e:
+                # Kept and raised by ready() and call(): the replica lives on
+                # to say why, rather than dying as a bare ActorDiedError.
+                self.error = shippable(e)
+                batched = None
+            if batched is not None:
+                fn, size, wait = batched
+                self.batcher = Batcher(fn, size, wait, self.unit.label, self.unit.node.id, self.unit.step_error)
+            self._built = True
+
+    @ray.method(concurrency_group=CONTROL)
+    def where(self) -> tuple[int, str, str]:
+        """This replica's pid, Ray node id and Ray actor id: answered as
+        soon as the process is up, built or not."""
+        return _where()
 
     def ready(self) -> tuple[int, str, str]:
-        """This replica's pid, Ray node id and Ray actor id, once it is built."""
+        """Build the unit; then this replica's pid, node and actor id."""
+        self._build()
         if self.error is not None:
             raise self.error
-        context = ray.get_runtime_context()
-        actor_id = context.get_actor_id()
-        assert actor_id is not None  # this runs in an actor
-        return os.getpid(), context.get_node_id(), actor_id
+        return _where()
 
     def call(self, node_id: int, *args: object, **kwargs: object) -> object:
         """Run the unit as node `node_id`."""
+        if not self._built:
+            self._build()  # calls run out of order: one may come before ready()
         if self.error is not None:
             raise self.error
         if self.batcher is not None:
@@ -97,6 +115,13 @@ class Replica:
         # Ray prefixes the actor's log lines with this: kept ASCII, as Ray
         # encodes some of what it names after user code as ASCII.
         return f"Replica({ascii(self.unit.label)[1:-1]})"
+
+
+def _where() -> tuple[int, str, str]:
+    context = ray.get_runtime_context()
+    actor_id = context.get_actor_id()
+    assert actor_id is not None  # this runs in an actor
+    return os.getpid(), context.get_node_id(), actor_id
 
 
 _remote: Any = ray.remote

@@ -32,11 +32,12 @@ from pipeline_ir.passes import (
     eliminate_dead,
     fuse_local,
     fuse_tasks,
-    place_gpu,
+    place,
     run_passes,
     use_channels,
 )
 from pipeline_ir.passes.manager import explain
+from pipeline_ir.passes.place_cluster import Cluster, ClusterNode, Resources
 
 DOC = Path(__file__).with_name("passes.md")
 
@@ -153,19 +154,58 @@ def colocate_example() -> str:
     return _run(node, [colocate], "classify", pre=[fuse_tasks, colocate_actors])
 
 
-def place_gpu_example() -> str:
-    node = TopK(5)(Classifier("resnet18")(resize(decode(pipeline.INPUT))))
-    return _run(node, [functools.partial(place_gpu, cluster_gpus=0, fallback=True)], "classify", pre=[fuse_tasks, colocate_actors])
+def _node(name: str, cpus: float, gpus: float = 0.0, free_cpus: float | None = None) -> ClusterNode:
+    total = Resources(cpu=cpus, gpu=gpus)
+    free = total if free_cpus is None else Resources(cpu=free_cpus, gpu=gpus)
+    return ClusterNode(id=name.ljust(56, "0"), total=total, available=free, address=name)
+
+
+# A CPU-only cluster, and one with a GPU node, as ray_runtime.cluster_snapshot() describes them.
+CPU_ONLY = Cluster(nodes=(_node("10.0.0.1", 8), _node("10.0.0.2", 8)))
+GPU_CLUSTER = Cluster(nodes=(_node("10.0.0.1", 4), _node("10.0.0.2", 8, gpus=2), _node("10.0.0.3", 8, free_cpus=2)))
+
+
+def _classify() -> pipeline.PipelineNode:
+    return TopK(5)(Classifier("resnet18")(resize(decode(pipeline.INPUT))))
+
+
+def place_example() -> str:
+    graph = pipeline.compile(_classify(), optimize=False, name="classify").graph
+    graph, _ = run_passes(graph, [fuse_tasks, colocate_actors])
+    after, records = run_passes(graph, [functools.partial(place, cluster=GPU_CLUSTER)], verify_each=True)
+    assert after is graph
+    return f"```\n{explain(records)}\n```"
+
+
+def place_fallback_example() -> str:
+    placing = functools.partial(place, cluster=CPU_ONLY, fallback=True)
+    return _run(_classify(), [placing], "classify", pre=[fuse_tasks, colocate_actors])
+
+
+def _error(compiled: CompiledPipeline, cluster: Cluster) -> str:
+    try:
+        compiled.place(cluster)
+    except pipeline.PlacementError as e:
+        return f"```\npipeline_ir.errors.PlacementError: {e}\n```"
+    raise AssertionError("place() must fail here")
 
 
 def place_gpu_error_example() -> str:
-    node = TopK(5)(Classifier("resnet18")(resize(decode(pipeline.INPUT))))
-    compiled = pipeline.compile(node, name="classify")
-    try:
-        compiled.place(0)
-    except pipeline.PlacementError as e:
-        return f"```\npipeline_ir.errors.PlacementError: {e}\n```"
-    raise AssertionError("place(0) must fail without gpu_fallback")
+    return _error(pipeline.compile(_classify(), name="classify"), CPU_ONLY)
+
+
+@pipeline.step(execution_mode="actors", num_replicas=8, num_cpus=1)
+class Embedder:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(image)
+
+
+def place_room_error_example() -> str:
+    node = Embedder("clip")(decode(pipeline.INPUT))
+    return _error(pipeline.compile(node, name="embed"), Cluster(nodes=(_node("10.0.0.1", 4),)))
 
 
 @pipeline.step
@@ -241,8 +281,10 @@ EXAMPLES: dict[str, Callable[[], str]] = {
         fuse_tasks_example,
         colocate_actors_example,
         colocate_example,
-        place_gpu_example,
+        place_example,
+        place_fallback_example,
         place_gpu_error_example,
+        place_room_error_example,
         use_channels_example,
         batching_example,
         default_passes_example,

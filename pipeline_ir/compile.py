@@ -1,6 +1,6 @@
 """compile(): trace -> verify -> passes -> CompiledPipeline. Starts nothing.
 
-`CompiledPipeline.deploy()` fits the graph to the Ray cluster (the place_gpu
+`CompiledPipeline.deploy()` fits the graph to the Ray cluster (the place
 pass) and builds the running Pipeline; pipeline.py does not import this
 module.
 """
@@ -10,18 +10,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Unpack
 
 from pipeline_ir.bindings import Bindings
 from pipeline_ir.builder import PipelineNode
-from pipeline_ir.errors import PipelineValueError
+from pipeline_ir.errors import PipelineValueError, PlacementError
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Mode
 from pipeline_ir.ir.verify import check_types, verify
 from pipeline_ir.options import DeployKwargs, DeployOptions
-from pipeline_ir.passes import Pass, PassRecord, default_passes, explain, force_backend, place_gpu, run_passes, use_channels
+from pipeline_ir.passes import Pass, PassRecord, default_passes, explain, force_backend, place, run_passes, use_channels
+from pipeline_ir.passes.place import Check
+from pipeline_ir.passes.place_cluster import Cluster
 from pipeline_ir.step import ExecutionMode
 from pipeline_ir.trace import trace
 
@@ -49,17 +52,16 @@ class CompiledPipeline:
         """Each pass that ran, and what it rewrote and why."""
         return explain(self.records)
 
-    def place(self, cluster_gpus: float) -> CompiledPipeline:
-        """This pipeline fitted to a Ray cluster with `cluster_gpus` GPUs:
+    def place(self, cluster: Cluster, check: Check = "available") -> CompiledPipeline:
+        """This pipeline fitted to a Ray cluster (a `Cluster` snapshot):
         deploy() calls it once Ray is up, when a step is remote. Runs the
-        place_gpu pass, which raises PlacementError naming the GPU steps
-        the cluster cannot hold, or with `compile(..., gpu_fallback=True)`
-        runs them on CPU (the record then shows in explain()). Returns self
-        when nothing changes."""
-        placing = functools.partial(place_gpu, cluster_gpus=cluster_gpus, fallback=self.gpu_fallback)
+        `place` pass, which raises PlacementError, before anything starts,
+        when the deployment cannot fit (naming the step, what it needs and
+        what the cluster has), and with `compile(..., gpu_fallback=True)`
+        runs GPU steps no node can hold on CPU. Its records, one line per
+        decision, are appended to explain()."""
+        placing = functools.partial(place, cluster=cluster, fallback=self.gpu_fallback, check=check)
         graph, records = run_passes(self.graph, [placing], verify_each=True)
-        if graph is self.graph:
-            return self
         return dataclasses.replace(self, graph=graph, records=self.records + records)
 
     def deploy(self, **options: Unpack[DeployKwargs]) -> Pipeline:
@@ -67,20 +69,42 @@ class CompiledPipeline:
         return the running Pipeline.
 
         The options (DeployOptions in pipeline_ir/options.py: max_in_flight,
-        overload_timeout_s, deploy_timeout_s, health checks, retries) bound
-        calls in flight and set the timeouts of serving; docs/operations.md
-        says how to size them. A bad option is a ValueError, raised before
-        anything starts. With a remote step, Ray is joined first and the
-        graph is fitted to the cluster's GPUs (`place`), which may raise
-        PlacementError before any step starts; `Pipeline.compiled` is then
-        the placed pipeline.
+        overload_timeout_s, deploy_timeout_s, check_resources, health
+        checks, retries) bound calls in flight and set the timeouts of
+        serving; docs/operations.md says how to size them. A bad option is
+        a ValueError, raised before anything starts. With a remote step,
+        Ray is joined first and the graph is fitted to the cluster
+        (`place`), which may raise PlacementError before any step starts;
+        `Pipeline.compiled` is then the placed pipeline. Replicas not built
+        within `deploy_timeout_s` raise PipelineTimeoutError, and every
+        actor started is stopped.
         """
-        from pipeline_ir.backends.lower import cluster_gpus, needs_ray
+        from pipeline_ir.backends.lower import needs_ray
         from pipeline_ir.pipeline import Pipeline
 
         checked = DeployOptions(**options)
-        placed = self.place(cluster_gpus()) if needs_ray(self.graph) else self
+        placed = self._fitted(checked) if needs_ray(self.graph) else self
         return Pipeline(placed, checked)
+
+    def _fitted(self, options: DeployOptions) -> CompiledPipeline:
+        """`place` on a fresh snapshot of the cluster. When only what is
+        free falls short (`PlacementError.busy`), the snapshot is re-read
+        for a moment: Ray reports resources freed by a pipeline that was
+        just shut down a little later (about 0.1 s)."""
+        from pipeline_ir.backends.lower import cluster_snapshot
+
+        settle = time.monotonic() + min(_SETTLE_S, options.deploy_timeout_s)
+        while True:
+            try:
+                return self.place(cluster_snapshot(), options.check_resources)
+            except PlacementError as e:
+                if not e.busy or time.monotonic() >= settle:
+                    raise
+            time.sleep(0.1)
+
+
+# How long deploy() re-reads a cluster whose free resources fall short.
+_SETTLE_S = 3.0
 
 
 BACKEND_ENV = "PIPELINE_IR_BACKEND"
@@ -124,8 +148,9 @@ def compile(
     passes: the optimization passes to run instead of `default_passes()`.
     name: the pipeline's name in dumps (default: its last step's name).
     debug: verify and type-check the graph after every pass.
-    gpu_fallback: at deploy, run GPU steps the Ray cluster has no GPU for
-        on CPU (written in explain()) instead of raising PlacementError.
+    gpu_fallback: at deploy, run GPU steps no node of the Ray cluster has
+        the GPUs for on CPU (written in explain()) instead of raising
+        PlacementError.
     channels: after the other passes, run `use_channels`: single-replica
         actor units between the caller's values are called over Ray
         Compiled Graph channels (experimental in Ray; off by default).

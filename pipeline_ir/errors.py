@@ -49,12 +49,21 @@ class GraphError(PipelineError, ValueError):
 
 
 class PlacementError(PipelineError):
-    """The Ray cluster cannot give a step what it asks for (GPUs).
+    """The Ray cluster cannot give a step what it asks for.
 
-    Raised by `deploy()` before any step starts; the message names the steps
-    and says how to fix it (`compile(..., gpu_fallback=True)` runs them on
-    CPU instead).
+    Raised by `deploy()` before any step starts (the `place` pass): a step
+    asks for GPUs no node has (`compile(..., gpu_fallback=True)` runs it
+    on CPU instead), or the actor replicas and tasks do not fit on the
+    nodes together. The message names the step, what it needs per replica
+    or task and in all, what the cluster has, and what to do.
+    `step_name` names the unit; `busy` is True when it would fit the
+    nodes' totals and only what other work holds now is short.
     """
+
+    def __init__(self, message: str, step_name: str | None = None, busy: bool = False) -> None:
+        super().__init__(message)
+        self.step_name = step_name
+        self.busy = busy
 
 
 class PipelineOverloadedError(PipelineError):
@@ -67,9 +76,14 @@ class PipelineOverloadedError(PipelineError):
 
 
 class PipelineTimeoutError(PipelineError, TimeoutError):
-    """A call's deadline (`call(x, timeout=s)`) passed before it finished.
+    """A call's deadline (`call(x, timeout=s)`) passed before it finished,
+    or `deploy()`'s (`deploy_timeout_s`) before every actor replica was
+    built: then `step_name` names the step whose replicas were not ready,
+    the message says whether Ray was still waiting for resources for them
+    or their constructor was still running, and every actor the deploy
+    started was stopped.
 
-    `step_name` names the step that was still running (None when no step
+    For a call, `step_name` names the step that was still running (None when no step
     was, e.g. the deadline passed while the call waited for admission);
     the rest of the call was cancelled: queued work never starts, running
     Ray tasks are stopped, and an actor replica still busy with the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import TypedDict
+from typing import Literal, TypedDict
 
 from pipeline_ir.errors import PipelineValueError
 
@@ -22,7 +22,13 @@ class DeployOptions:
         then raises PipelineOverloadedError; `map()` waits instead.
     overload_timeout_s: how long a call waits for a slot (0: not at all).
     deploy_timeout_s: how long `deploy()` waits for every replica to be
-        built (constructors, resources); past it, it fails and ends them.
+        built (constructors, resources); past it, it raises
+        PipelineTimeoutError naming the step, and ends every actor started.
+    check_resources: what the `place` pass checks the deployment against
+        before anything starts: "available" (what the nodes have free
+        now), "total" (what they have in all: deploy() may then wait for
+        resources other work holds, up to deploy_timeout_s), or "off"
+        (autoscaling clusters: nodes come on demand).
     health_check_period_s: how often each actor replica is pinged; one that
         does not answer within `health_check_timeout_s` (a stopped process,
         a lost node) is replaced, and its calls fail or are retried.
@@ -36,6 +42,7 @@ class DeployOptions:
     max_in_flight: int | None = None
     overload_timeout_s: float = 0.0
     deploy_timeout_s: float = 300.0
+    check_resources: Literal["available", "total", "off"] = "available"
     health_check_period_s: float = 2.0
     health_check_timeout_s: float = 10.0
     max_retries: int = 3
@@ -46,6 +53,10 @@ class DeployOptions:
             isinstance(self.max_in_flight, bool) or not isinstance(self.max_in_flight, int) or self.max_in_flight < 1
         ):
             raise PipelineValueError(f"deploy(): max_in_flight must be an int >= 1 or None, got {self.max_in_flight!r}")
+        if self.check_resources not in ("available", "total", "off"):
+            raise PipelineValueError(
+                f"deploy(): check_resources must be 'available', 'total' or 'off', got {self.check_resources!r}"
+            )
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise PipelineValueError(f"deploy(): max_retries must be an int >= 0, got {self.max_retries!r}")
         for f in fields(self):
@@ -73,6 +84,7 @@ class DeployKwargs(TypedDict, total=False):
     max_in_flight: int | None
     overload_timeout_s: float
     deploy_timeout_s: float
+    check_resources: Literal["available", "total", "off"]
     health_check_period_s: float
     health_check_timeout_s: float
     max_retries: int

@@ -38,6 +38,7 @@ from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Fused, Switch
 from pipeline_ir.ir.verify import check_types, verify
 from pipeline_ir.passes import (
+    Cluster,
     Pass,
     colocate,
     colocate_actors,
@@ -47,7 +48,7 @@ from pipeline_ir.passes import (
     force_backend,
     fuse_local,
     fuse_tasks,
-    place_gpu,
+    place,
 )
 from pipeline_ir.step import ConfiguredStep, FunctionStep
 from pipeline_ir.trace import trace
@@ -377,12 +378,13 @@ def _name(p: Pass) -> str:
     return str(getattr(getattr(p, "func", p), "__name__", p))
 
 
-ON_CPU = functools.partial(place_gpu, cluster_gpus=0, fallback=True)
+# A CPU-only cluster large enough for any generated graph: the fallback runs.
+ON_CPU = functools.partial(place, cluster=Cluster.single(cpus=1e6), fallback=True)
 SINGLE: list[Pass] = [eliminate_dead, eliminate_common, fuse_local, fuse_tasks, colocate_actors, colocate, ON_CPU]
 CONFIGS: dict[str, list[Pass]] = {
     "none": [],
     "default": default_passes(),
-    "default+place_gpu": [*default_passes(), ON_CPU],
+    "default+place": [*default_passes(), ON_CPU],
     **{_name(p): [p] for p in SINGLE},
     **{f"default-{_name(p)}": [q for q in default_passes() if q is not p] for p in default_passes()},
 }
@@ -483,7 +485,7 @@ def check_on_ray(backend: str | None, recipe: Recipe, xs: list[int], channels: b
     """Deploy the recipe unoptimized and optimized (two deploys; a third
     with Compiled Graph channels when `channels`), call each on all of
     `xs`, and compare with the reference. Without GPUs: the test cluster's
-    one logical GPU could not hold two GPU replicas (place_gpu's tests
+    one logical GPU could not hold two GPU replicas (the place pass's tests
     cover GPUs)."""
     node = build(recipe)
     expected = [reference(node, x) for x in xs]

@@ -121,6 +121,6 @@ def test_colocate_labels_put_actors_and_tasks_on_one_node() -> None:
     compiled = pipeline.CompiledPipeline(graph, compiled.source_graph, compiled.bindings, compiled.records)
     with compiled.deploy() as p:
         actors = p._program.closers[0].__self__  # type: ignore[attr-defined]
-        node = actors.colocation["g"]
+        node = actors.colocation.node("g")
         assert {s.node for s in actors.pools["placed"].slots} == {node}
         assert p.call(None) == (node, node)

@@ -100,7 +100,7 @@ def greedy(x: object) -> object:
 
 
 def test_resources_no_node_has_fail_deploy_naming_the_step() -> None:
-    with pytest.raises(pipeline.PlacementError, match=r"step 'greedy': one task needs CPU=64, GPU=0.*largest node: CPU=8, GPU=1"):
+    with pytest.raises(pipeline.PlacementError, match=r"step 'greedy' \(%1\): one task needs CPU=64, GPU=0, but no node .*1 node, CPU=8, GPU=1 in all"):
         greedy(pipeline.INPUT).deploy()
 
 

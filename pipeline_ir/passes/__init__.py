@@ -1,8 +1,8 @@
 """Optimization passes: each a pure function Graph -> PassResult.
 
 `default_passes()` is the order compile() runs them in (docs/passes.md
-says why). `place_gpu` is not among them: it needs the Ray cluster's GPU
-count, so deploy runs it (`CompiledPipeline.place`).
+says why). `place` is not among them: it needs the Ray cluster (a
+`Cluster` snapshot), so deploy runs it (`CompiledPipeline.place`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pipeline_ir.passes.force_backend import force_backend
 from pipeline_ir.passes.fuse_local import fuse_local
 from pipeline_ir.passes.fuse_tasks import fuse_tasks
 from pipeline_ir.passes.manager import Pass, PassRecord, PassResult, explain, run_passes
-from pipeline_ir.passes.place_gpu import check_gpus, place_gpu
+from pipeline_ir.passes.place import place
+from pipeline_ir.passes.place_cluster import Cluster, ClusterNode, Resources
 from pipeline_ir.passes.use_channels import use_channels
 
 
@@ -35,7 +36,9 @@ __all__ = [
     "Pass",
     "PassRecord",
     "PassResult",
-    "check_gpus",
+    "Cluster",
+    "ClusterNode",
+    "Resources",
     "colocate",
     "colocate_actors",
     "default_passes",
@@ -45,7 +48,7 @@ __all__ = [
     "force_backend",
     "fuse_local",
     "fuse_tasks",
-    "place_gpu",
+    "place",
     "run_passes",
     "use_channels",
 ]
