@@ -65,33 +65,31 @@ def cluster_snapshot() -> Cluster:
     """The alive nodes of the Ray cluster and their resources, in total
     and available now: the plain data the place pass decides with.
 
-    Totals come from `ray.nodes()` (public). Ray has no public per-node
-    view of what is free: `ray.available_resources()` sums the cluster,
-    and `ray.util.state.list_nodes()` reports totals only (and needs the
-    dashboard). So the free part is read with `ray._private.state.
-    available_resources_per_node()`, here only; where that fails (a
-    future Ray, Ray Client) the snapshot says so and `available` equals
-    `total`.
+    Public APIs only: totals per node from `ray.nodes()`, and what is free
+    from `ray.available_resources()`, which sums the whole cluster (Ray
+    has no public per-node view of free resources; `ray.util.state`
+    reports totals and needs the dashboard). On a one-node cluster (a
+    local Ray, the common case) that sum is the node's own; on several
+    nodes the snapshot says free is not known per node
+    (`available_known=False`), the pass fits replicas against totals, and
+    a deployment that fits in total but not in what is free now is caught
+    by `deploy_timeout_s` (docs/operations.md, "Placement and autoscaling").
     """
     from pipeline_ir.passes.place_cluster import Cluster, ClusterNode
 
     ensure_ray()
     list_nodes: Any = ray.nodes
     alive = [n for n in list_nodes() if n.get("Alive")]
-    free: dict[str, dict[str, float]] | None
-    try:
-        from ray._private import state
-
-        per_node: Any = state.available_resources_per_node
-        free = dict(per_node())
-    except Exception:  # a private API: any failure means "not known"
-        free = None
+    free: dict[str, float] | None = None
+    if len(alive) == 1:
+        available: Any = ray.available_resources
+        free = dict(available())
     nodes = []
     for n in alive:
         node_id = str(n["NodeID"])
         total = _resources(n.get("Resources", {}))
-        available = total if free is None else _resources(free.get(node_id, {}))
-        nodes.append(ClusterNode(id=node_id, total=total, available=available, address=str(n.get("NodeManagerAddress", ""))))
+        now = total if free is None else _resources(free)
+        nodes.append(ClusterNode(id=node_id, total=total, available=now, address=str(n.get("NodeManagerAddress", ""))))
     # Distinct names in records: several nodes of one machine share an address.
     named = [n.address for n in nodes]
     if len(set(named)) < len(named):
