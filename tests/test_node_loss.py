@@ -160,6 +160,11 @@ GPU_NODE_LOST = textwrap.dedent(
             except Exception:
                 time.sleep(0.2)
         back_s = time.monotonic() - added
+        # The pool records a replica's id when Ray reports its ready() on
+        # the callback thread, which may come a moment after its first call.
+        settle = time.monotonic() + 10
+        while not all(s.actor_id is not None for s in pool.slots) and time.monotonic() < settle:
+            time.sleep(0.05)
         report = dict(
             timeout=TIMEOUT, during=during, later=later, value=value, known_s=known_s, joined_s=joined_s,
             back_s=back_s, slots=[(s.actor_id is not None, s.dead) for s in pool.slots],
