@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pipeline_ir.bindings import StepBinding
 from pipeline_ir.errors import StepError
 from pipeline_ir.ir.graph import Graph
-from pipeline_ir.ir.nodes import Call, Fused, StepSpec
+from pipeline_ir.ir.nodes import Call, Fused
 
 
 def instantiate(graph: Graph, key: str, binding: StepBinding) -> Callable[..., object]:

@@ -40,27 +40,21 @@ class Program:
     arun_timed: Callable[[object], Awaitable[object]]
     code: PythonCode
     async_code: PythonCode
+    timed_code: PythonCode
+    timed_async_code: PythonCode
     uses_ray: bool
     stats: PipelineStats
     closers: list[Callable[[], None]] = field(default_factory=list)
-
     launchers: dict[Mode, Launcher] = field(default_factory=dict)
-    timed_code: PythonCode | None = None
-    timed_async_code: PythonCode | None = None
     live: set[calls.CallState] = field(default_factory=set)  # Ray calls running now
     _tick: Iterator[int] = field(default_factory=itertools.count)
 
-    def translate(self, exc: BaseException, is_async: bool = False, code: PythonCode | None = None) -> BaseException:
-        """The user-facing error for an exception raised by run/arun (or
-        the program of `code`)."""
-        if code is None:
-            code = self.async_code if is_async else self.code
-        return translate_error(exc, code, self.graph)
-
-    def _fail(self, exc: BaseException, code: PythonCode | None, state: calls.CallState | None) -> BaseException:
+    def _fail(self, exc: BaseException, code: PythonCode, state: calls.CallState | None) -> BaseException:
+        """The user-facing error for `exc`, raised by the program of `code`;
+        what the call left running is cancelled and the error counted."""
         if state is not None:
             state.cancel_unfinished()
-        error = self.translate(exc, code=code)
+        error = translate_error(exc, code, self.graph)
         self.stats.failed(getattr(error, "node_id", None))
         return error
 
@@ -71,7 +65,6 @@ class Program:
         The deadline bounds the waits for remote work: LOCAL steps run in
         this thread and are never preempted, so a call of a LOCAL-only
         pipeline takes no call state at all."""
-        code: PythonCode | None
         if next(self._tick) % TIMED_EVERY:
             run, code = self.run, self.code
         else:
@@ -190,5 +183,5 @@ def lower(graph: Graph, bindings: Bindings, options: DeployOptions | None = None
     if uses_ray:
         export_stats(stats, graph.name)
     return Program(
-        graph, run, arun, run_timed, arun_timed, code, async_code, uses_ray, stats, closers, launchers, timed_code, timed_async
+        graph, run, arun, run_timed, arun_timed, code, async_code, timed_code, timed_async, uses_ray, stats, closers, launchers
     )

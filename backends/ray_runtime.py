@@ -308,22 +308,28 @@ def runtime_globals(graph: Graph) -> dict[str, object]:
         assert state is not None
         return calls.timeout_error(state, label, node_id)
 
+    def _recover(state: calls.CallState | None, ref: Any, exc: BaseException, node_id: int) -> tuple[Any, BaseException | None]:
+        """After a failed wait for `ref`: (the ref of the call sent again,
+        None) when its idempotent step's replica died, else (None, the
+        error to raise: the deadline's, or the StepError)."""
+        if isinstance(exc, (asyncio.TimeoutError, ray.exceptions.GetTimeoutError)):
+            return None, _expired(node_id)
+        again = _retry(state, ref, exc, graph, node_id)
+        if again is not None:
+            return again, None
+        return None, step_error(exc, graph, node_id)
+
     def _get(ref: Any, node_id: int) -> object:
         state = calls.current()
         while True:
             timeout = None if state is None else state.remaining()
             try:
                 return ray.get(ref, timeout=timeout)
-            except ray.exceptions.GetTimeoutError:
-                error = _expired(node_id)
             except ray.exceptions.RayError as e:
-                again = _retry(state, ref, e, graph, node_id)
-                if again is not None:
-                    ref = again
-                    continue
-                error = step_error(e, graph, node_id)
+                ref, error = _recover(state, ref, e, node_id)
             # Raised outside the except block: the Ray error stays out of the chain.
-            raise error
+            if error is not None:
+                raise error
 
     def _get_many(refs: Sequence[Any], ids: Sequence[int]) -> list[object]:
         # A CompiledDAGRef (channel units) can be fetched only once, and not
@@ -349,15 +355,10 @@ def runtime_globals(graph: Graph) -> dict[str, object]:
                 if timeout is None:
                     return await ref
                 return await asyncio.wait_for(_awaitable(ref), timeout)
-            except (asyncio.TimeoutError, ray.exceptions.GetTimeoutError):
-                error = _expired(node_id)
-            except ray.exceptions.RayError as e:
-                again = _retry(state, ref, e, graph, node_id)
-                if again is not None:
-                    ref = again
-                    continue
-                error = step_error(e, graph, node_id)
-            raise error
+            except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
+                ref, error = _recover(state, ref, e, node_id)
+            if error is not None:
+                raise error
 
     async def _aget_many(refs: Sequence[Any], ids: Sequence[int]) -> list[object]:
         state = calls.current()
