@@ -15,6 +15,8 @@ concurrent calls (threads, asyncio tasks) each see their own:
 - a ref of an idempotent step comes with a way to send its call again:
   a fetch that finds its replica dead retries it (ray_runtime.py), at most
   `max_retries` times;
+- a call sent over the fast path (fast_calls.py) is a `PendingRef`, not an
+  ObjectRef: it knows itself whether it is done, without Ray;
 - when a call ends without its result (an error, a deadline, asyncio
   cancelling it), `cancel_unfinished()` cancels what it left running, so an
   abandoned call never keeps workers busy behind the next one.
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +39,28 @@ from pipeline_ir.errors import PipelineTimeoutError
 # It may return what to do if the ref is still running a moment later.
 Cancel = Callable[[Any, bool], "Callable[[], None] | None"]
 Retry = Callable[[], Any]
+ARetry = Callable[[], Awaitable[Any]]
 
 # How long a cancelled call may take to be dropped before it counts as running.
 _RUNNING_PROBE_S = 0.05
+
+
+class PendingRef:
+    """A remote result that travels outside Ray (fast_calls.FastRef)."""
+
+    __slots__ = ()
+
+    def is_done(self) -> bool:
+        """Whether its answer has been read (or the call settled)."""
+        raise NotImplementedError
+
+    def get(self) -> object:
+        """Its value (read once), or the user-facing error raised."""
+        raise NotImplementedError
+
+    async def aget(self) -> object:
+        """`get` for asyncio."""
+        raise NotImplementedError
 
 
 @dataclass(eq=False)  # identity: a Program keeps its live calls in a set
@@ -51,6 +72,7 @@ class CallState:
     refs: list[tuple[Any, int, Cancel]] = field(default_factory=list)
     # ref id -> how to send that call again (idempotent steps), once each
     retries: dict[int, Retry] = field(default_factory=dict)
+    aretries: dict[int, ARetry] = field(default_factory=dict)  # the same, for asyncio
     # node id -> when its remote result was ready (stats.py reads it)
     ready: dict[int, float] = field(default_factory=dict)
 
@@ -64,18 +86,27 @@ class CallState:
         """The tracked refs not ready yet, in submission order."""
         if not self.refs:
             return []
-        import ray
+        done = {id(r) for r, _, _ in self.refs if isinstance(r, PendingRef) and r.is_done()}
+        refs = [r for r, _, _ in self.refs if not isinstance(r, PendingRef)]
+        if refs:
+            import ray
 
-        refs = [r for r, _, _ in self.refs]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-        done = {id(r) for r in ready}
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+            done.update(id(r) for r in ready)
         return [entry for entry in self.refs if id(entry[0]) not in done]
 
     def retry(self, ref: Any) -> Any | None:
         """A new ref computing what `ref` did, if its call may be sent
         again (an idempotent step whose replica died), else None."""
+        self.aretries.pop(id(ref), None)
         again = self.retries.pop(id(ref), None)
         return None if again is None else again()
+
+    async def aretry(self, ref: Any) -> Any | None:
+        """`retry` for asyncio."""
+        self.retries.pop(id(ref), None)
+        again = self.aretries.pop(id(ref), None)
+        return None if again is None else await again()
 
     def cancel_unfinished(self, force: bool = False) -> None:
         """Cancel every tracked ref still running or queued (`force`: at
@@ -99,6 +130,8 @@ class CallState:
         import ray
 
         refs = [r for r, _ in followups]
+        if not refs:
+            return
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=_RUNNING_PROBE_S, fetch_local=False)
         done = {id(r) for r in ready}
         for ref, then in followups:
@@ -124,7 +157,7 @@ def end(token: contextvars.Token[CallState | None]) -> None:
     _CURRENT.reset(token)
 
 
-def track(ref: Any, node_id: int, cancel: Cancel, retry: Retry | None = None) -> None:
+def track(ref: Any, node_id: int, cancel: Cancel, retry: Retry | None = None, aretry: ARetry | None = None) -> None:
     """Record a submitted ref of the running call (no-op outside one);
     `retry` sends the same call again and returns its new ref."""
     state = _CURRENT.get()
@@ -132,6 +165,8 @@ def track(ref: Any, node_id: int, cancel: Cancel, retry: Retry | None = None) ->
         state.refs.append((ref, node_id, cancel))
         if retry is not None:
             state.retries[id(ref)] = retry
+        if aretry is not None:
+            state.aretries[id(ref)] = aretry
 
 
 def timeout_error(state: CallState, label_of: Callable[[int], str], fallback_node: int | None) -> PipelineTimeoutError:

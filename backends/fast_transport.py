@@ -40,7 +40,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import os
+import select
 import socket
 import stat
 import sys
@@ -55,7 +57,7 @@ from pipeline_ir.backends import fast_frames as fr
 from pipeline_ir.backends.fast_frames import PeerGone, ProtocolError, TransportError
 
 __all__ = [
-    "Address", "CallTimeout", "FastClient", "FastServer", "PeerGone", "ProtocolError", "RemoteFailure",
+    "Address", "CallTimeout", "FastClient", "FastServer", "PeerGone", "Pending", "ProtocolError", "RemoteFailure",
     "TransportError", "Unreachable", "remove_files", "same_node", "supported", "this_node",
 ]
 
@@ -65,6 +67,9 @@ __all__ = [
 THRESHOLD = 256 * 1024
 MAX_CONNECTIONS = 8  # per client: the replica runs one call at a time anyway
 CONNECT_TIMEOUT_S = 10.0
+# Once an answer's first byte is in, how long the rest may take (a large
+# frame comes in pieces): past it the connection is dropped.
+_REST_S = 10.0
 _HELLO = b"PIRFAST1"  # the server's greeting once a peer is admitted...
 _REFUSED = b"PIRFNO!!"  # ...or its only words to a refused one
 _PREFIX = "pipeline_ir-"
@@ -329,16 +334,27 @@ class FastClient:
         """`handler(*args, **kwargs)` in the replica; its result, or its
         exception raised here. CallTimeout after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        pending = self.send(args, kwargs, timeout=timeout)
+        try:
+            return pending.wait(None if deadline is None else max(0.0, deadline - time.monotonic()), timeout)
+        except CallTimeout:
+            pending.discard()
+            raise
+
+    def send(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *, timeout: float | None = None) -> Pending:
+        """Send a call and return without waiting for its answer, which
+        `Pending.wait` reads: calls sent one after another run at once
+        when they go to different replicas (one connection each)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         pickled = fr.dumps((args, kwargs or {}))
         link = self._take(deadline, timeout)
         io = _FOREVER if deadline is None else fr.Blocking(deadline)
         try:
             link.send_blocking(link.frame(fr.CALL, pickled, self.threshold), io)
-            frame = link.recv_blocking(io)
         except BaseException as e:
             self._discard(link)  # where the exchange stopped is unknown
             raise self._failure(e, timeout) from None
-        return self._settle(link, frame)
+        return Pending(self, link)
 
     def _take(self, deadline: float | None, timeout: float | None) -> fr.Link:
         with self._lock:
@@ -390,15 +406,25 @@ class FastClient:
     async def call_async(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *, timeout: float | None = None) -> object:
         """`call` for asyncio: waits on the running loop's reader callbacks,
         no thread."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = await self.asend(args, kwargs, timeout=timeout)
+        try:
+            return await pending.wait_async(None if deadline is None else max(0.0, deadline - time.monotonic()), timeout)
+        except BaseException:
+            pending.discard()  # a timeout, or the awaiting task cancelled
+            raise
+
+    async def asend(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *, timeout: float | None = None) -> Pending:
+        """`send` for asyncio: waits for a free connection without blocking
+        the loop."""
         pickled = fr.dumps((args, kwargs or {}))
         try:
             async with asyncio.timeout(timeout):
-                link, frame = await self._exchange_async(pickled, timeout)
+                return await self._asend(pickled, timeout)
         except TimeoutError as e:
             raise self._failure(e, timeout) from None
-        return self._settle(link, frame)
 
-    async def _exchange_async(self, pickled: fr.Pickled, timeout: float | None) -> tuple[fr.Link, fr.Incoming]:
+    async def _asend(self, pickled: fr.Pickled, timeout: float | None) -> Pending:
         link = await self._take_async()
         try:
             if link is None:
@@ -408,7 +434,7 @@ class FastClient:
                 except TimeoutError:
                     raise Unreachable(f"the replica's fast-path server did not greet within {self.connect_timeout} s") from None
             await link.send(link.frame(fr.CALL, pickled, self.threshold), fr.ON_LOOP)
-            return link, await link.recv(fr.ON_LOOP)
+            return Pending(self, link)
         except BaseException as e:
             self._discard(link)
             if isinstance(e, asyncio.CancelledError):
@@ -576,6 +602,139 @@ class FastClient:
             link.close()
         if remove_server_files:
             remove_files(self.address.path)
+
+
+class Pending:
+    """A call sent (`FastClient.send`/`asend`), its answer not read yet.
+
+    Read it once: `wait` from a thread, `wait_async` from the loop it was
+    sent on, or `poll` (whether it came; read and dropped if so: for calls
+    the caller gave up on, whose replica is busy until they end). A
+    CallTimeout leaves the call pending: wait again, poll, or `discard`.
+    """
+
+    __slots__ = ("client", "link", "settled", "unknown", "_recv")
+
+    def __init__(self, client: FastClient, link: fr.Link) -> None:
+        self.client = client
+        self.link = link
+        self.settled = False  # answer read, or link discarded
+        self.unknown = False  # the read was cancelled under us: whether the call ended is not known
+        self._recv: asyncio.Task[fr.Incoming] | None = None
+
+    def wait(self, timeout: float | None = None, told: float | None = None) -> object:
+        """The call's result (its exception raised here); CallTimeout if
+        none came within `timeout` s (`told`: the timeout the caller gave,
+        for the message)."""
+        if self.settled:
+            raise RuntimeError("this fast-path answer was already read")
+        link, io = self.link, _FOREVER
+        if timeout is not None:
+            # Wait for the answer's first byte without reading: a timeout
+            # then leaves the connection whole, the call still pending.
+            if not _readable(link.sock, timeout):
+                raise CallTimeout(f"the replica (pid {self.client.address.pid}) did not answer within {told if told is not None else timeout:g} s; the call may still be running there")
+            io = fr.Blocking(time.monotonic() + max(timeout, _REST_S))
+        try:
+            frame = link.recv_blocking(io)
+        except BaseException as e:
+            self._drop()
+            raise self.client._failure(e, told) from None
+        self.settled = True
+        return self.client._settle(link, frame)
+
+    async def wait_async(self, timeout: float | None = None, told: float | None = None) -> object:
+        """`wait` for asyncio. Cancelling the awaiting task leaves the call
+        pending (its answer is still read, for `poll`)."""
+        if self.settled:
+            raise RuntimeError("this fast-path answer was already read")
+        if self._recv is None:
+            self._recv = asyncio.ensure_future(self.link.recv(fr.ON_LOOP))
+        try:
+            async with asyncio.timeout(timeout):
+                frame = await asyncio.shield(self._recv)
+        except TimeoutError:
+            if self._recv.done() and self._recv.exception() is not None:
+                raise self._lost(self._recv.exception(), told) from None
+            raise CallTimeout(f"the replica (pid {self.client.address.pid}) did not answer within {told if told is not None else timeout:g} s; the call may still be running there") from None
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            raise self._lost(e, told) from None
+        self.settled = True
+        return self.client._settle(self.link, frame)
+
+    def _lost(self, e: BaseException | None, told: float | None) -> BaseException:
+        self._drop()
+        return self.client._failure(e if e is not None else PeerGone("no answer"), told)
+
+    def poll(self) -> bool:
+        """Whether the call has ended (its answer came, and was read and
+        dropped here; or the connection is gone): from any thread. False
+        for good once its read was cancelled by its loop ending."""
+        if self.unknown:
+            return False
+        if self.settled:
+            return True
+        recv = self._recv
+        if recv is not None:
+            if not recv.done():
+                return False
+            if recv.cancelled():
+                # Its loop ended (asyncio.run cancels what is left): the
+                # read stopped, not the call, whose end is now unknown.
+                self._drop()
+                self.unknown = True
+                return False
+            self.settled = True
+            if recv.exception() is not None:
+                self.client._discard(self.link)
+                return True
+            frame = recv.result()
+        else:
+            if not _readable(self.link.sock, 0):
+                return False
+            try:
+                frame = self.link.recv_blocking(fr.Blocking(time.monotonic() + _REST_S))
+            except BaseException:
+                self._drop()
+                return True
+            self.settled = True
+        with contextlib.suppress(Exception):
+            self.client._settle(self.link, frame)  # nobody wants the value: only the connection back
+        return True
+
+    def discard(self) -> None:
+        """Give up on the answer: the connection is closed (the replica
+        finishes the call all the same). Idempotent."""
+        if self.settled:
+            return
+        recv = self._recv
+        if recv is not None and not recv.done():
+            # Its loop closes the connection once the read is cancelled
+            # (a socket a loop watches is never closed under it).
+            self.settled = True
+            link, client = self.link, self.client
+            recv.add_done_callback(lambda _: client._discard(link))
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nothing watches the socket
+                recv.get_loop().call_soon_threadsafe(recv.cancel)
+                return
+            client._discard(link)
+            return
+        self._drop()
+
+    def _drop(self) -> None:
+        if not self.settled:
+            self.settled = True
+            self.client._discard(self.link)
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether `sock` has something to read (or was closed) within
+    `timeout` seconds, without reading it."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(max(0, math.ceil(timeout * 1000))))
 
 
 _FOREVER = fr.Blocking(None)

@@ -159,7 +159,7 @@ def lower(graph: Graph, bindings: Bindings, options: DeployOptions | None = None
         if "actors" in used:
             from pipeline_ir.backends.ray_actors import ActorLauncher
 
-            actors = ActorLauncher(graph, bindings, colocation, stats, options)
+            actors = ActorLauncher(graph, bindings, colocation, stats, options, runtime)
             closers.append(actors.close)
             launchers["actors"] = actors
         if "tasks" in used:

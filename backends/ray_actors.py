@@ -53,7 +53,9 @@ from typing import Any
 
 import ray
 
-from pipeline_ir.backends import calls, ray_runtime
+from pipeline_ir.backends import calls, fast_calls, fast_transport, ray_runtime
+from pipeline_ir.backends.fast_calls import FastRef, has_pending
+from pipeline_ir.backends.fast_transport import CallTimeout, FastClient, PeerGone, Unreachable
 from pipeline_ir.backends.ray_channels import Channel
 from pipeline_ir.backends.ray_runtime import Colocation, resource_options, submit_expr
 from pipeline_ir.backends.serialization import ensure_registered
@@ -65,6 +67,7 @@ from pipeline_ir.backends.worker import Unit, unit_keys
 from pipeline_ir.bindings import Bindings
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Fused
+from pipeline_ir.ir.printer import node_label
 from pipeline_ir.errors import PipelineTimeoutError, StepError
 from pipeline_ir.options import DeployOptions
 
@@ -88,6 +91,7 @@ class _Slot:
     replaced: bool = False
     why: str | None = None  # why the pool ended it (health check, abandoned call)
     draining: int = 0  # abandoned calls it still runs: it takes no new calls
+    fast: FastClient | None = None  # its fast-path server, when on this node (fast_calls.py)
 
 
 class Pool:
@@ -117,6 +121,12 @@ class Pool:
         self.unplaced: str | None = None
         self.uses_channel = channel
         self.channel: Channel | None = None
+        # Channel units take the compiled graph's channel instead.
+        self.fast_path = self.policy.fast_path and not channel and fast_transport.supported()
+        self._here = fast_transport.this_node() if self.fast_path else ""
+        # How FastRefs handed back by a retry are read (ray_runtime's _get/_aget).
+        self.fetch: Callable[[Any, int], object] = _no_fetch
+        self.afetch: Callable[[Any, int], Any] = _no_fetch
         self.options = dict(options)
         graph, node = unit.graph, unit.node
         # The units this pool serves: a group, or the step's top-level calls.
@@ -147,14 +157,14 @@ class Pool:
             "max_concurrency": call_concurrency(unit),
             "allow_out_of_order_execution": True,
         }
-        handle = RemoteReplica.options(**options).remote(unit)
+        handle = RemoteReplica.options(**options).remote(unit, os.getpid() if self.fast_path else None)
         up = handle.where.remote()  # on the control thread: answers before the unit is built
         slot = _Slot(index, handle, handle.ready.remote(), up)
         # The future keeps the ref alive until Ray runs the callback.
         slot.ready_ref.future().add_done_callback(functools.partial(self._on_up, slot))
         return slot
 
-    def _on_up(self, slot: _Slot, future: concurrent.futures.Future[tuple[int, str, str]]) -> None:
+    def _on_up(self, slot: _Slot, future: concurrent.futures.Future[tuple[int, str, str, Any]]) -> None:
         """The replica answered ready() (usually on Ray's callback thread:
         keep it short, never call into Ray)."""
         error = future.exception()
@@ -166,13 +176,18 @@ class Pool:
             self._mark_dead(slot)
         # A constructor's StepError: the replica lives and raises it on every call.
 
-    def _record(self, slot: _Slot, pid: int, node: str, actor_id: str) -> None:
+    def _record(self, slot: _Slot, pid: int, node: str, actor_id: str, address: fast_transport.Address | None = None) -> None:
         """Note where a replica runs, and register it so that its death is
-        reported under its step wherever it surfaces."""
+        reported under its step wherever it surfaces. A replica on this
+        node with a fast-path server gets its calls that way from now on."""
+        fast = None
+        if address is not None and self.fast_path and address.node == self._here:
+            # No connection yet: the first call makes one (fast_transport).
+            fast = FastClient(address, max_connections=max(fast_transport.MAX_CONNECTIONS, call_concurrency(self.unit)))
         with self._lock:
             if self.closed or slot.replaced or slot.actor_id is not None:
                 return
-            slot.pid, slot.node, slot.actor_id = pid, node, actor_id
+            slot.pid, slot.node, slot.actor_id, slot.fast = pid, node, actor_id, fast
         info = ray_runtime.ReplicaInfo(
             self.unit.label, self.node_ids, slot.index, pid, functools.partial(self._mark_dead, slot), lambda: slot.why
         )
@@ -190,12 +205,12 @@ class Pool:
                 raise not_ready(self, list(pending.values()))
             slot = pending.pop(done[0])
             try:
-                pid, node, actor_id = ray.get(done[0])
+                placed = ray.get(done[0])
             except ray.exceptions.RayError as e:
                 error = ray_runtime.step_error(e, self.unit.graph, self.node_ids[0])
             else:
                 # The callback may not have run yet: record here too (once).
-                self._record(slot, pid, node, actor_id)
+                self._record(slot, *placed)
                 continue
             raise error
 
@@ -224,7 +239,7 @@ class Pool:
             # results fail later, and must still name its step.
             if slot.actor_id is not None:
                 self._ended.append(slot.actor_id)
-            ray.kill(slot.handle)  # to be sure: an actor reported dead may be a hung one
+            _kill(slot)  # to be sure: an actor reported dead may be a hung one
             new = self._spawn(slot.index)
             with self._lock:
                 if not self.closed:
@@ -288,12 +303,49 @@ class Pool:
 
     def submit(self, node_id: int, *args: object, **kwargs: object) -> Any:
         """Run the unit as node `node_id` on the least-loaded replica;
-        returns the call's ObjectRef."""
+        returns the call's ObjectRef, or its FastRef (fast_calls.py)."""
         ensure_registered()  # torch may have been imported since deploy
+        if has_pending(args, kwargs):
+            args, kwargs = fast_calls.resolve(args, kwargs)
         self._replace_dead()
         return self._submit(node_id, args, kwargs, self.policy.max_retries)
 
+    async def asubmit(self, node_id: int, *args: object, **kwargs: object) -> Any:
+        """`submit` for asyncio: waits for inputs and connections on the loop."""
+        ensure_registered()
+        if has_pending(args, kwargs):
+            args, kwargs = await fast_calls.aresolve(args, kwargs)
+        self._replace_dead()
+        return await self._asubmit(node_id, args, kwargs, self.policy.max_retries)
+
     def _submit(self, node_id: int, args: tuple[object, ...], kwargs: dict[str, object], retries_left: int) -> Any:
+        slot, state, started = self._begin(node_id)
+        client = slot.fast
+        if client is not None and _sendable(args, kwargs):
+            try:
+                pending = client.send((node_id, *args), kwargs, timeout=None if state is None else state.remaining())
+            except BaseException as e:
+                if self._not_sent(slot, client, node_id, started, state, e):
+                    return self._submit(node_id, args, kwargs, retries_left)
+            else:
+                return self._fast_ref(slot, node_id, pending, started, state, args, kwargs, retries_left)
+        return self._ray_call(slot, node_id, args, kwargs, started, state, retries_left)
+
+    async def _asubmit(self, node_id: int, args: tuple[object, ...], kwargs: dict[str, object], retries_left: int) -> Any:
+        slot, state, started = self._begin(node_id)
+        client = slot.fast
+        if client is not None and _sendable(args, kwargs):
+            try:
+                pending = await client.asend((node_id, *args), kwargs, timeout=None if state is None else state.remaining())
+            except BaseException as e:
+                if self._not_sent(slot, client, node_id, started, state, e):
+                    return await self._asubmit(node_id, args, kwargs, retries_left)
+            else:
+                return self._fast_ref(slot, node_id, pending, started, state, args, kwargs, retries_left)
+        return self._ray_call(slot, node_id, args, kwargs, started, state, retries_left)
+
+    def _begin(self, node_id: int) -> tuple[_Slot, calls.CallState | None, float]:
+        """Pick the replica for a call and count the call in."""
         with self._lock:
             if self.closed:
                 raise RuntimeError(f"the replicas of step {self.unit.label!r} were shut down")
@@ -306,8 +358,57 @@ class Pool:
             # the call on an actor Ray cannot place.
             label = self.unit.label
             raise StepError(label, node_id, message=f"step {label!r} (node %{node_id}): {unplaced}")
-        state = calls.current()
         started = self.stats.submitted(node_id) if self.stats is not None else 0.0
+        return slot, calls.current(), started
+
+    def _not_sent(
+        self, slot: _Slot, client: FastClient, node_id: int, started: float, state: calls.CallState | None, e: BaseException
+    ) -> bool:
+        """A fast-path send failed: False to send the call through Ray
+        instead (no connection to that replica could be made), True to send
+        it again from the start (the replica is gone: the call never
+        reached it); else raise (the deadline passed, or the arguments
+        cannot be pickled)."""
+        if isinstance(e, Unreachable):
+            with self._lock:
+                if slot.fast is client:
+                    slot.fast = None  # through Ray from now on
+            client.close()
+            return False
+        self._done(slot, node_id, started, state, None)
+        if isinstance(e, PeerGone):
+            self.lost(slot)
+            return True
+        if isinstance(e, CallTimeout) and state is not None:
+            raise calls.timeout_error(state, self.label_of, node_id) from None
+        raise e
+
+    def _fast_ref(
+        self,
+        slot: _Slot,
+        node_id: int,
+        pending: fast_transport.Pending,
+        started: float,
+        state: calls.CallState | None,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        retries_left: int,
+    ) -> FastRef:
+        resend = (args, kwargs, retries_left - 1) if self.idempotent and retries_left > 0 else None
+        ref = FastRef(self, slot, node_id, pending, started, state, resend)
+        calls.track(ref, node_id, ref.cancel)
+        return ref
+
+    def _ray_call(
+        self,
+        slot: _Slot,
+        node_id: int,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        started: float,
+        state: calls.CallState | None,
+        retries_left: int,
+    ) -> Any:
         # Submitted outside the lock: Ray's callback thread takes it in
         # _done(), and submitting may wait on Ray (storing a large argument).
         try:
@@ -318,16 +419,47 @@ class Pool:
         # The future keeps the ref alive until the callback has run, and
         # may run it at once, in this thread: never under the lock.
         ref.future().add_done_callback(functools.partial(self._done, slot, node_id, started, state))
-        retry = None
+        retry = aretry = None
         if self.idempotent and retries_left > 0:
             # A call lost with its replica runs again on another one.
-            retry = functools.partial(self._resubmit, node_id, args, kwargs, retries_left - 1)
-        calls.track(ref, node_id, functools.partial(self.abandon, slot), retry)
+            retry = functools.partial(self.resubmit, node_id, args, kwargs, retries_left - 1)
+            aretry = functools.partial(self.aresubmit, node_id, args, kwargs, retries_left - 1)
+        calls.track(ref, node_id, functools.partial(self.abandon, slot), retry, aretry)
         return ref
 
-    def _resubmit(self, node_id: int, args: tuple[object, ...], kwargs: dict[str, object], retries_left: int) -> Any:
+    def resubmit(self, node_id: int, args: tuple[object, ...], kwargs: dict[str, object], retries_left: int) -> Any:
+        """Send a call lost with its replica again (idempotent steps)."""
         self._replace_dead()
         return self._submit(node_id, args, kwargs, retries_left)
+
+    async def aresubmit(self, node_id: int, args: tuple[object, ...], kwargs: dict[str, object], retries_left: int) -> Any:
+        self._replace_dead()
+        return await self._asubmit(node_id, args, kwargs, retries_left)
+
+    def label_of(self, node_id: int) -> str:
+        return node_label(self.unit.graph, node_id)
+
+    def settle(self, ref: FastRef, ok: bool) -> None:
+        """A fast-path call is over for routing and stats (once)."""
+        with self._lock:
+            if ref.finished:
+                return
+            ref.finished = True
+            ref.slot.in_flight -= 1
+        if self.stats is not None:
+            self.stats.finished(ref.node_id, ref.started, None if ref.state is None else ref.state.ready, ok)
+
+    def lost(self, slot: _Slot) -> None:
+        """`slot`'s fast-path connection broke: its process is gone or
+        hung up; end it (if not already) and start another."""
+        self.end_replica(slot, None)
+
+    def abandon_fast(self, ref: FastRef, force: bool) -> None:
+        """`abandon` for a fast-path call: its replica drains it (takes no
+        new calls) until its answer comes, for up to `abandon_grace_s`."""
+        if force or ref.pending.poll() or not self._drain_for(ref.slot, ref):
+            ref.pending.discard()
+            ref.finish(False)
 
     def abandon(self, slot: _Slot, ref: Any, force: bool = False) -> Callable[[], None] | None:
         """A call gave up on `ref` (deadline, error elsewhere, cancelled):
@@ -339,18 +471,24 @@ class Pool:
         ray.cancel(ref)
         if force:
             return None
-        return functools.partial(self._drain_for, slot, ref)
+        return functools.partial(self._hold, slot, ref)
 
-    def _drain_for(self, slot: _Slot, ref: Any) -> None:
+    def _hold(self, slot: _Slot, ref: Any) -> None:
+        self._drain_for(slot, ref)
+
+    def _drain_for(self, slot: _Slot, ref: Any) -> bool:
+        """Keep `slot` from new calls until `ref` ends (reap_abandoned);
+        False if the slot is already ended."""
         with self._lock:
             if self.closed or slot.dead:
-                return
+                return False
             self.abandoned.append((ref, slot, time.monotonic() + self.policy.abandon_grace_s))
             slot.draining += 1
             # Nowhere else to send calls: a fresh replica takes its place now.
             alone = slot in self.slots and all(s.dead or s.draining for s in self.slots)
         if alone:
             self._retire(slot)
+        return True
 
     def _retire(self, slot: _Slot) -> None:
         """Put a fresh replica in `slot`'s place; `slot` keeps its calls."""
@@ -381,8 +519,8 @@ class Pool:
                 ) from None
             error = ray_runtime.step_error(e, self.unit.graph, self.node_ids[0])
             raise error from None
-        for slot, (pid, node, actor_id) in zip(fresh, placed):
-            self._record(slot, pid, node, actor_id)
+        for slot, where in zip(fresh, placed):
+            self._record(slot, *where)
         channel = None
         with self._lock:
             old, self.slots = self.slots, fresh
@@ -408,22 +546,22 @@ class Pool:
             if slot.actor_id is not None:
                 ray_runtime.forget_replica(slot.actor_id)
             if not self.closed:
-                ray.kill(slot.handle)
+                _kill(slot)
 
     def live_slots(self) -> list[_Slot]:
         """The replicas up and not known dead (for health checks)."""
         with self._lock:
             return [s for s in self.slots + self.retired if s.actor_id is not None and not s.dead]
 
-    def end_replica(self, slot: _Slot, why: str) -> None:
+    def end_replica(self, slot: _Slot, why: str | None) -> None:
         """End a replica that is hung, lost or stuck: its calls in flight
-        fail (or are retried, for idempotent steps) naming `why`, and a new
-        replica takes its place."""
+        fail (or are retried, for idempotent steps) naming `why` (None: it
+        died), and a new replica takes its place."""
         with self._lock:
             if slot.dead or self.closed:
                 return
             slot.dead, slot.why = True, why
-        ray.kill(slot.handle)
+        _kill(slot)
         if slot in self.slots:
             self._replace_dead()
 
@@ -434,9 +572,14 @@ class Pool:
             self.abandoned = [e for e in self.abandoned if e[2] > now]
         if not due:
             return
-        ready, _ = ray.wait([r for r, _, _ in due], num_returns=len(due), timeout=0, fetch_local=False)
-        done = {id(r) for r in ready}
+        done = {id(r) for r, _, _ in due if isinstance(r, FastRef) and r.pending.poll()}
+        refs = [r for r, _, _ in due if not isinstance(r, FastRef)]
+        if refs:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+            done.update(id(r) for r in ready)
         for ref, slot, _ in due:
+            if isinstance(ref, FastRef) and id(ref) in done:
+                ref.finish(False)
             if id(ref) in done:
                 with self._lock:
                     slot.draining -= 1  # it finished: the replica serves again
@@ -446,6 +589,9 @@ class Pool:
                 continue
             grace = self.policy.abandon_grace_s
             self.end_replica(slot, f"it was still busy {grace:g} s after a call it ran was abandoned (deadline)")
+            if isinstance(ref, FastRef):
+                ref.pending.discard()
+                ref.finish(False)
             if slot in self.retired:
                 with self._lock:
                     if slot in self.retired:
@@ -467,6 +613,8 @@ class Pool:
         """Run the unit as node `node_id` over the compiled graph (channel
         units: one replica); returns a CompiledDAGRef."""
         ensure_registered()
+        if has_pending(args, kwargs):
+            args, kwargs = fast_calls.resolve(args, kwargs)
         channel = self.open_channel()
         try:
             return channel.submit(node_id, args, kwargs)
@@ -541,10 +689,36 @@ class Pool:
             _learn_placement(slot)
             if slot.actor_id is not None:
                 ray_runtime.forget_replica(slot.actor_id)
-            ray.kill(slot.handle)
+            _kill(slot)
             if slot.pid is not None and slot.node == here:
                 pids.append(slot.pid)
         return pids
+
+
+def _kill(slot: _Slot) -> None:
+    """Kill a replica's actor; its fast-path server's files go with it
+    (a killed process cannot remove them)."""
+    ray.kill(slot.handle)
+    fast, slot.fast = slot.fast, None
+    if fast is not None:
+        fast.close(remove_server_files=True)
+
+
+def _sendable(args: tuple[object, ...], kwargs: dict[str, object]) -> bool:
+    """Whether a call can take the fast path: no input is a Ray ref
+    (Ray hands those to the replica itself, without this process)."""
+    for a in args:
+        if isinstance(a, ray.ObjectRef):
+            return False
+    if kwargs:
+        for a in kwargs.values():
+            if isinstance(a, ray.ObjectRef):
+                return False
+    return True
+
+
+def _no_fetch(ref: Any, node_id: int) -> object:
+    raise AssertionError("Pool.fetch was not set by its launcher")
 
 
 def _learn_placement(slot: _Slot) -> None:
@@ -657,8 +831,11 @@ class ActorLauncher:
         colocation: Colocation | None = None,
         stats: PipelineStats | None = None,
         policy: DeployOptions | None = None,
+        runtime: Mapping[str, object] | None = None,
     ) -> None:
         self.graph = graph
+        # The fetch helpers (ray_runtime.runtime_globals) the generated code uses.
+        self.runtime = runtime if runtime is not None else ray_runtime.runtime_globals(graph)
         self.colocation = Colocation() if colocation is None else colocation
         self.stats = stats
         self.policy = policy if policy is not None else DeployOptions()
@@ -684,6 +861,8 @@ class ActorLauncher:
         for key, unit, size, options, label, channel in self._units(bindings):
             base = {"max_restarts": 0, "max_task_retries": 0, **options}
             pool = self.pools[key] = Pool(unit, size, base, channel, self.stats, self.policy)
+            pool.fetch = self.runtime["_get"]  # type: ignore[assignment]
+            pool.afetch = self.runtime["_aget"]  # type: ignore[assignment]
             if label is not None:
                 if label not in self.colocation:
                     # The label's first replica goes where Ray puts it; the
@@ -714,9 +893,11 @@ class ActorLauncher:
         return self.pools[node.step if isinstance(node, Call) else node.id]
 
     def expr(self, node: Call | Fused, callee: str, args: str, is_async: bool = False) -> str:
+        if is_async:
+            # A CompiledDAGRef cannot be awaited: async calls take actor tasks.
+            return "await " + submit_expr(node, callee, args, "asubmit")
         channel = self.graph.unit_placement(node).channel
-        # A CompiledDAGRef cannot be awaited: async calls take actor tasks.
-        return submit_expr(node, callee, args, "submit_channel" if channel and not is_async else "submit")
+        return submit_expr(node, callee, args, "submit_channel" if channel else "submit")
 
     def update(self, key: str, bindings: Bindings) -> None:
         """Replace the replicas of the pool running class step `key` with

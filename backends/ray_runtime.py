@@ -38,6 +38,7 @@ import ray.exceptions
 from ray.experimental.compiled_dag_ref import CompiledDAGRef
 
 from pipeline_ir.backends import calls
+from pipeline_ir.backends.calls import PendingRef
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.errors import StepError
 from pipeline_ir.ir.graph import Graph
@@ -322,6 +323,8 @@ def runtime_globals(graph: Graph) -> dict[str, object]:
     def _get(ref: Any, node_id: int) -> object:
         state = calls.current()
         while True:
+            if isinstance(ref, PendingRef):
+                return ref.get()  # the fast path (a call, or its retry): it reads and translates itself (fast_calls.py)
             timeout = None if state is None else state.remaining()
             try:
                 return ray.get(ref, timeout=timeout)
@@ -334,7 +337,7 @@ def runtime_globals(graph: Graph) -> dict[str, object]:
     def _get_many(refs: Sequence[Any], ids: Sequence[int]) -> list[object]:
         # A CompiledDAGRef (channel units) can be fetched only once, and not
         # in one ray.get with ObjectRefs: those go one by one from the start.
-        if not any(isinstance(r, CompiledDAGRef) for r in refs):
+        if not any(isinstance(r, (CompiledDAGRef, PendingRef)) for r in refs):
             state = calls.current()
             timeout = None if state is None else state.remaining()
             try:
@@ -347,20 +350,36 @@ def runtime_globals(graph: Graph) -> dict[str, object]:
                 raise error
         return [_get(ref, node_id) for ref, node_id in zip(refs, ids)]
 
+    async def _arecover(state: calls.CallState | None, ref: Any, exc: BaseException, node_id: int) -> tuple[Any, BaseException | None]:
+        """`_recover` for asyncio: a call sent again is sent without
+        blocking the loop."""
+        if state is not None and _retry(state, ref, exc, graph, node_id, probe_only=True) is not None:
+            step_error(exc, graph, node_id)  # tells the dead replica's pool to replace it
+            again = await state.aretry(ref)
+            if again is not None:
+                return again, None
+        return _recover(state, ref, exc, node_id)
+
     async def _aget(ref: Any, node_id: int) -> object:
         state = calls.current()
         while True:
+            if isinstance(ref, PendingRef):
+                return await ref.aget()
             timeout = None if state is None else state.remaining()
             try:
                 if timeout is None:
                     return await ref
                 return await asyncio.wait_for(_awaitable(ref), timeout)
             except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
-                ref, error = _recover(state, ref, e, node_id)
+                error: BaseException | None
+                ref, error = await _arecover(state, ref, e, node_id)
             if error is not None:
                 raise error
 
     async def _aget_many(refs: Sequence[Any], ids: Sequence[int]) -> list[object]:
+        if any(isinstance(r, PendingRef) for r in refs):
+            # Every call is on its way already: read the answers in order.
+            return [await _aget(ref, node_id) for ref, node_id in zip(refs, ids)]
         state = calls.current()
         timeout = None if state is None else state.remaining()
         gathered = asyncio.gather(*(_awaitable(r) for r in refs), return_exceptions=True)

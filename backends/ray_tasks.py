@@ -37,6 +37,7 @@ from typing import Any
 import ray
 
 from pipeline_ir.backends import calls
+from pipeline_ir.backends.fast_calls import aresolve, has_pending, resolve
 from pipeline_ir.backends.ray_runtime import Colocation, prefer_node, resource_options, ship_code, submit_expr
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.backends.stats import PipelineStats
@@ -66,6 +67,8 @@ class Task:
     def submit(self, node_id: int, *args: object, **kwargs: object) -> Any:
         """Start one task; returns its ObjectRef."""
         ensure_registered()  # torch may have been imported since deploy
+        if has_pending(args, kwargs):  # results of fast-path calls: their values go
+            args, kwargs = resolve(args, kwargs)
         ref = self._fn().remote(self.unit, node_id, *args, **kwargs)
         calls.track(ref, node_id, _stop_task)
         if self.stats is not None:
@@ -73,6 +76,12 @@ class Task:
             state = calls.current()
             ref.future().add_done_callback(functools.partial(_finished, self.stats, node_id, started, state))
         return ref
+
+    async def asubmit(self, node_id: int, *args: object, **kwargs: object) -> Any:
+        """`submit` for asyncio: fast-path inputs are awaited on the loop."""
+        if has_pending(args, kwargs):
+            args, kwargs = await aresolve(args, kwargs)
+        return self.submit(node_id, *args, **kwargs)
 
     def _fn(self) -> Any:
         """The remote function, preferring the colocate label's node as it
@@ -168,4 +177,4 @@ class TaskLauncher:
         return task
 
     def expr(self, node: Call | Fused, callee: str, args: str, is_async: bool = False) -> str:
-        return submit_expr(node, callee, args)
+        return "await " + submit_expr(node, callee, args, "asubmit") if is_async else submit_expr(node, callee, args)

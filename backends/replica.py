@@ -17,6 +17,12 @@ concurrency groups keep the control path apart from the work:
   never mistaken for a hung one, and a stopped process (SIGSTOP) or a lost
   node is (health.py).
 
+With a caller pid, a replica also serves its calls over the same-node fast
+path (fast_transport.py): once built, `ready()` starts a `FastServer`
+that admits only that process, and returns its address with the rest.
+Those calls run on the server's connection threads, one at a time with
+the actor's own (the same lock), or into the batcher.
+
 This module decides nothing: the pool (ray_actors.py) routes, the monitor
 (health.py) judges.
 """
@@ -30,6 +36,7 @@ from typing import Any
 import ray
 
 from pipeline_ir.backends.batching import Batcher
+from pipeline_ir.backends.fast_transport import Address, FastServer, supported
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.backends.worker import Unit, shippable
 from pipeline_ir.errors import StepError
@@ -40,8 +47,10 @@ CONTROL = "control"
 class Replica:
     """One actor of a pool: hosts a unit and runs its calls."""
 
-    def __init__(self, unit: Unit) -> None:
+    def __init__(self, unit: Unit, caller_pid: int | None = None) -> None:
         self.unit = unit
+        self.caller_pid = caller_pid  # the process whose calls the fast path serves
+        self.server: FastServer | None = None
         self.error: StepError | None = None
         self.batcher: Batcher | None = None
         self._built = False
@@ -74,12 +83,32 @@ class Replica:
         soon as the process is up, built or not."""
         return _where()
 
-    def ready(self) -> tuple[int, str, str]:
-        """Build the unit; then this replica's pid, node and actor id."""
+    def ready(self) -> tuple[int, str, str, Address | None]:
+        """Build the unit; then this replica's pid, node, actor id and
+        fast-path address (None: no fast path)."""
         self._build()
         if self.error is not None:
             raise self.error
-        return _where()
+        return (*_where(), self._serve_fast())
+
+    def _serve_fast(self) -> Address | None:
+        if self.caller_pid is None or not supported():
+            return None
+        with self._building:
+            if self.server is None:
+                server = FastServer(self.call, [self.caller_pid], on_unsendable=self._unsendable)
+                server.start()
+                self.server = server
+            return self.server.address
+
+    def _unsendable(self, args: tuple[Any, ...], error: Exception) -> BaseException:
+        node_id = args[0] if args and isinstance(args[0], int) else self.unit.node.id
+        label = self.unit.label
+        return StepError(
+            label,
+            node_id,
+            message=f"step {label!r} (node %{node_id}): its result could not be pickled back to the caller: {type(error).__name__}: {error}",
+        )
 
     def call(self, node_id: int, *args: object, **kwargs: object) -> object:
         """Run the unit as node `node_id`."""

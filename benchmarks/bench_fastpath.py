@@ -97,6 +97,33 @@ class Chain:
         return time.perf_counter() - start
 
 
+def stage_a(x: object) -> object:
+    return x
+
+
+def stage_b(x: object) -> object:
+    return x
+
+
+def stage_c(x: object) -> object:
+    return x
+
+
+def deploy_chain(fast_path: bool = True) -> Any:
+    """The same 3-stage chain as pipeline_ir ACTORS steps, default compile
+    (colocate_actors puts the three in one actor), deployed."""
+    import pipeline_ir as pipeline
+
+    steps = [pipeline.step(f, execution_mode="actors") for f in (stage_a, stage_b, stage_c)]
+    node = steps[2](steps[1](steps[0](pipeline.INPUT)))
+    return pipeline.compile(node).deploy(fast_path=fast_path)
+
+
+def replica_pids(deployed: Any) -> list[int]:
+    pools = deployed._program.launchers["actors"].pools.values()
+    return [s.pid for p in pools for s in p.slots if s.pid is not None]
+
+
 def sequential(call: Callable[[], object]) -> Callable[[int], list[float]]:
     """A block of n calls, one after another: the seconds each took."""
 
@@ -150,13 +177,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def idle_percent(pids: dict[str, int], seconds: float) -> dict[str, float]:
-    """% of one core each process used over the same `seconds`, idle."""
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+def idle_percent(pids: dict[str, int | list[int]], seconds: float) -> dict[str, float]:
+    """% of one core each process (or group of processes, summed) used
+    over the same `seconds`, idle."""
+
+    def used(pid: int | list[int]) -> float:
+        return sum(cpu_seconds(p) for p in ([pid] if isinstance(pid, int) else pid))
+
+    before = {name: used(pid) for name, pid in pids.items()}
     start = time.monotonic()
     time.sleep(seconds)
     wall = time.monotonic() - start
-    return {name: (cpu_seconds(pid) - before[name]) / wall * 100 for name, pid in pids.items()}
+    return {name: (used(pid) - before[name]) / wall * 100 for name, pid in pids.items()}
 
 
 def _ray() -> Any:
@@ -195,12 +227,19 @@ def latency_and_idle(ray: Any, calls: int, warmup: int, idle_s: float, compiled_
 
     plain, hosting = _actor(ray), _actor(ray)
     fast = FastClient(ray.get(hosting.serve.remote(os.getpid())))
-    pids = {"plain actor": ray.get(plain.pid.remote()), "fast-path actor (server, connections open)": ray.get(hosting.pid.remote())}
+    deployed = deploy_chain()
+    pids: dict[str, int | list[int]] = {
+        "plain actor": ray.get(plain.pid.remote()),
+        "fast-path actor (server, connections open)": ray.get(hosting.pid.remote()),
+        "deployed pipeline_ir chain (its replica)": replica_pids(deployed),
+    }
     loop = asyncio.new_event_loop()
     blocks = {
         "ray actor call": sequential(lambda: ray.get(plain.run.remote(1))),
         "fast path, thread": sequential(lambda: fast.call(("run", 1))),
         "fast path, asyncio": on_loop(loop, lambda: fast.call_async(("run", 1))),
+        "pipeline_ir chain, default deploy: call": sequential(lambda: deployed.call(1)),
+        "pipeline_ir chain, default deploy: call_async": on_loop(loop, lambda: deployed.call_async(1)),
     }
     compiled = None
     try:
@@ -221,13 +260,18 @@ def latency_and_idle(ray: Any, calls: int, warmup: int, idle_s: float, compiled_
             beside = {
                 "ray compiled graph": sequential(lambda: ray.get(compiled.execute(1))),
                 "fast path, thread, beside an idle compiled graph": blocks["fast path, thread"],
+                "pipeline_ir chain, default deploy: call, beside an idle compiled graph": blocks["pipeline_ir chain, default deploy: call"],
             }
             rows.update(latency_rows(beside, calls, warmup))
         loop.close()
+        # This process too: with the pipeline deployed, its health monitor
+        # runs here (beside Ray's own driver threads).
+        pids["the caller (Ray driver, pipeline health monitor)"] = os.getpid()
         for label, value in idle_percent(pids, idle_s).items():
             rows[f"idle % of a core: {label}"] = value
         return rows
     finally:
+        deployed.shutdown()
         fast.close(remove_server_files=True)
         ray.kill(plain)
         ray.kill(hosting)
@@ -235,16 +279,22 @@ def latency_and_idle(ray: Any, calls: int, warmup: int, idle_s: float, compiled_
             compiled.teardown(kill_actors=True)
 
 
-def throughput_rows(ray: Any, plain: Any, fast: Any, rounds: int) -> dict[str, float]:
+def throughput_rows(ray: Any, plain: Any, fast: Any, deployed: Any, rounds: int) -> dict[str, float]:
     def ray_round() -> None:
         ray.get([plain.run.remote(i) for i in range(IN_FLIGHT)])
 
     async def gather() -> None:
         await asyncio.gather(*(fast.call_async(("run", i)) for i in range(IN_FLIGHT)))
 
+    async def gather_pipeline() -> None:
+        await asyncio.gather(*(deployed.call_async(i) for i in range(IN_FLIGHT)))
+
     return {
         f"calls/s, {IN_FLIGHT} in flight: ray actor calls": throughput(ray_round, rounds),
         f"calls/s, {IN_FLIGHT} in flight: fast path (asyncio)": throughput(lambda: asyncio.run(gather()), rounds),
+        f"calls/s, {IN_FLIGHT} in flight: pipeline_ir chain, default deploy (call_async)": throughput(
+            lambda: asyncio.run(gather_pipeline()), rounds
+        ),
     }
 
 
@@ -336,19 +386,28 @@ def run(smoke: bool = False) -> dict[str, Any]:
             raise RuntimeError(f"no latency figures: {note}")
     plain, hosting = _actor(ray), _actor(ray)
     fast = FastClient(ray.get(hosting.serve.remote(os.getpid())))
+    deployed = deploy_chain()
     try:
-        rows.update(throughput_rows(ray, plain, fast, rounds))
+        rows.update(throughput_rows(ray, plain, fast, deployed, rounds))
         rows.update(buffer_rows(ray, plain, fast, repeats))
     finally:
+        deployed.shutdown()
         fast.close(remove_server_files=True)
         ray.kill(plain)
         ray.kill(hosting)
     ratios: dict[str, float] = {}
     fast_p50 = rows["p50 us: fast path, thread"]
+    chain_p50 = rows["p50 us: pipeline_ir chain, default deploy: call"]
     for anchor in ("ray compiled graph", "ray actor call"):
         if f"p50 us: {anchor}" in rows:
             ratios[f"p50 fast path / {anchor}"] = fast_p50 / rows[f"p50 us: {anchor}"]
-    ratios["throughput fast path / ray actor calls"] = rows[f"calls/s, {IN_FLIGHT} in flight: fast path (asyncio)"] / rows[f"calls/s, {IN_FLIGHT} in flight: ray actor calls"]
+            ratios[f"p50 pipeline_ir chain (default deploy) / {anchor}"] = chain_p50 / rows[f"p50 us: {anchor}"]
+    per_s = {k: v for k, v in rows.items() if k.startswith(f"calls/s, {IN_FLIGHT} in flight: ")}
+    ray_per_s = per_s[f"calls/s, {IN_FLIGHT} in flight: ray actor calls"]
+    ratios["throughput fast path / ray actor calls"] = per_s[f"calls/s, {IN_FLIGHT} in flight: fast path (asyncio)"] / ray_per_s
+    ratios["throughput pipeline_ir chain (default deploy) / ray actor calls"] = (
+        per_s[f"calls/s, {IN_FLIGHT} in flight: pipeline_ir chain, default deploy (call_async)"] / ray_per_s
+    )
     for name in SIZES:
         segment = rows[f"{name} ms: fast path, segment (reused)"]
         ratios[f"{name}: segment / object store"] = segment / rows[f"{name} ms: object store: ray.put + zero-copy ray.get"]

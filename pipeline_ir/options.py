@@ -37,6 +37,11 @@ class DeployOptions:
     abandon_grace_s: after a call's deadline, how long an actor replica may
         stay busy with the abandoned call before it is replaced (Ray cannot
         interrupt a running actor call).
+    fast_path: call actor replicas on this machine over the same-node fast
+        path (a Unix socket to the replica, shared memory for large
+        buffers; docs/design.md "Fast path") instead of Ray actor tasks.
+        Replicas on other nodes, and calls whose inputs are Ray object
+        refs, always go through Ray. False: every call through Ray.
     """
 
     max_in_flight: int | None = None
@@ -47,6 +52,7 @@ class DeployOptions:
     health_check_timeout_s: float = 10.0
     max_retries: int = 3
     abandon_grace_s: float = 5.0
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         if self.max_in_flight is not None and (
@@ -59,6 +65,8 @@ class DeployOptions:
             )
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise PipelineValueError(f"deploy(): max_retries must be an int >= 0, got {self.max_retries!r}")
+        if not isinstance(self.fast_path, bool):
+            raise PipelineValueError(f"deploy(): fast_path must be True or False, got {self.fast_path!r}")
         for f in fields(self):
             if f.name.endswith("_s"):
                 value = getattr(self, f.name)
@@ -89,3 +97,4 @@ class DeployKwargs(TypedDict, total=False):
     health_check_timeout_s: float
     max_retries: int
     abandon_grace_s: float
+    fast_path: bool

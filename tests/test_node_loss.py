@@ -39,7 +39,8 @@ PRELUDE = textwrap.dedent(
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False})
         nodes = [cluster.add_node(**w) for w in workers]
         if before is None:
-            os.remove(path)
+            if os.path.exists(path):  # another test's cluster may have removed it meanwhile
+                os.remove(path)
         else:
             open(path, "w").write(before)
         ray.init(address=cluster.address, log_to_driver=False)

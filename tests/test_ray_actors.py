@@ -168,9 +168,11 @@ def whoami(x: object) -> int:
 
 
 def test_a_killed_replica_is_a_step_error_then_replaced() -> None:
+    """Through Ray actor calls; tests/test_fast_path.py has the fast path's
+    (which finds a dead idle replica before sending, and sends elsewhere)."""
     import ray
 
-    with pipeline.compile(add_one(whoami(pipeline.INPUT)), optimize=False).deploy() as p:
+    with pipeline.compile(add_one(whoami(pipeline.INPUT)), optimize=False).deploy(fast_path=False) as p:
         first = p.call(None)
         pool = p._program.closers[0].__self__.pools["whoami"]  # type: ignore[attr-defined]
         pid = pool.slots[0].pid
