@@ -180,7 +180,7 @@ def _fold_notes(graph: Graph, groups: list[list[int]], kept_apart: set[str]) -> 
             cpu, gpu = (p, r) if gpu_class(pair[0]) == 0 else (r, p)
             why = _apart_reason(graph, cpu, gpu, _other_readers(graph, readers, i, r.id), groups, group_of)
             notes.append(f"kept {graph.step(cpu.step).name} %{cpu.id} out of the GPU actor of {graph.step(gpu.step).name} %{gpu.id}: {why}")
-    return tuple(notes)
+    return tuple(dict.fromkeys(notes))  # one line for a pair read through two projections
 
 
 def _other_readers(graph: Graph, readers: dict[int, list[int]], edge: int, reader: int) -> list[int]:
