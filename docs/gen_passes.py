@@ -149,6 +149,28 @@ def colocate_actors_example() -> str:
     return _run(node, [colocate_actors], "classify")
 
 
+@pipeline.step(execution_mode="actors", num_replicas=2)
+def normalize(image: np.ndarray) -> np.ndarray:
+    return image / 255
+
+
+@pipeline.step(execution_mode="actors", num_replicas=2)
+def to_labels(scores: torch.Tensor) -> list[int]:
+    return scores.argmax().tolist()  # type: ignore[no-any-return]
+
+
+@pipeline.step(execution_mode="actors", num_replicas=2, num_cpus=4)
+class Augment:
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return image[::-1]
+
+
+def colocate_actors_fold_example() -> str:
+    x = decode(pipeline.INPUT)
+    node = (to_labels(Classifier("resnet18")(normalize(x))), Classifier("resnet50")(Augment()(x)))
+    return _run(node, [colocate_actors], "classify")
+
+
 def colocate_example() -> str:
     node = Logger()(TopK(5)(Classifier("resnet18")(resize(decode(pipeline.INPUT)))))
     return _run(node, [colocate], "classify", pre=[fuse_tasks, colocate_actors])
@@ -280,6 +302,7 @@ EXAMPLES: dict[str, Callable[[], str]] = {
         fuse_local_example,
         fuse_tasks_example,
         colocate_actors_example,
+        colocate_actors_fold_example,
         colocate_example,
         place_example,
         place_fallback_example,

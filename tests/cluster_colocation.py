@@ -48,7 +48,9 @@ class Model:
         return _stamp(x)
 
 
-@pipeline.step(execution_mode="actors", num_cpus=1)
+# fuse=False: a replica of its own that holds the GPU node's other CPU (a
+# small CPU step would otherwise be folded into Model's actor).
+@pipeline.step(execution_mode="actors", num_cpus=1, fuse=False)
 class Filler:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return _stamp(x)

@@ -214,3 +214,26 @@ def test_a_long_fused_group_is_labelled_by_its_first_and_last_steps() -> None:
 
 def _identity(a: np.ndarray) -> np.ndarray:
     return a
+
+
+@pipeline.step(execution_mode="actors")
+class Scale:
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return t * 2
+
+
+@pipeline.step(execution_mode="actors", num_gpus=1)
+class Refine:
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return t + 1
+
+
+def test_a_hop_left_by_the_fold_names_the_fold_rule_not_a_gpu_boundary() -> None:
+    # Scale folds into Model's actor; Refine, a second GPU step, keeps its own.
+    compiled = traced(Refine()(Scale()(Model()(decode(pipeline.INPUT)))))
+    folded, _ = run_passes(compiled.graph, [colocate_actors])
+    result = apply(colocate, folded)
+    assert result.rewrites[-1] == (
+        "%5 -> %4 (Tensor, Model+Scale -> Refine) stays a cross-process hop: a small CPU step joins one GPU step's "
+        "actor, and colocate_actors never merges two GPU steps' actors through it; colocate=c1 puts both ends on one node"
+    )

@@ -10,13 +10,14 @@ data here; the Ray tests at the end use the session Ray (conftest: 8 CPUs,
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import pytest
 
 import pipeline_ir as pipeline
 from pass_helpers import apply, traced
-from pipeline_ir.passes import Cluster, ClusterNode, Resources, fuse_tasks, place, run_passes
+from pipeline_ir.passes import Cluster, ClusterNode, Resources, colocate_actors, fuse_tasks, place, run_passes
 
 
 @pipeline.step(execution_mode="tasks")
@@ -149,6 +150,35 @@ def test_fallback_of_a_fused_group_takes_its_members_along() -> None:
     assert place(fused, cluster=Cluster.single(2, gpus=1)).graph is fused
 
 
+@pipeline.step(execution_mode="actors")
+def tokenize(x: int) -> int:
+    return x + 2
+
+
+def test_a_folded_gpu_group_falls_back_to_cpu_whole() -> None:
+    # colocate_actors folds the small CPU step into Model's GPU actor; the
+    # group asks for the GPU, so it falls back (or fails) as one unit.
+    folded, _ = run_passes(traced(Model()(tokenize(pipeline.INPUT))).graph, [colocate_actors])
+    assert "fused actors" in folded.dump() and "gpu=1, 2 nodes" in folded.dump()
+    assert place(folded, cluster=Cluster.single(2, gpus=1)).rewrites[1] == "fused group %3 (tokenize+Model): 1 replica x CPU=1, GPU=1 -> node0"
+    with pytest.raises(pipeline.PlacementError, match=r"fused group %3 \(tokenize\+Model\) asks for 1 GPU per replica"):
+        place(folded, cluster=Cluster.single(2))
+    result = apply(_placing(Cluster.single(2), fallback=True), folded)
+    assert result.graph.dump() == (
+        "pipeline Model(%0: Any) -> int:\n"
+        "  %3: int = fused actors {                      # actors, 2 nodes\n"
+        "    %1: int = tokenize(%0)                      # actors\n"
+        "    %2: int = Model()(%1)                       # actors\n"
+        "  } -> %2\n"
+        "  return %3"
+    )
+    assert result.rewrites == (
+        "fused group %3 (tokenize+Model): gpu=1 -> CPU: no node has 1 GPU (at most 0) and gpu_fallback=True",
+        "cluster: 1 node, CPU=2, GPU=0 in all (CPU=2, GPU=0 free); checked against what is free now",
+        "fused group %3 (tokenize+Model): 1 replica x CPU=0 (1 to start), GPU=0 -> node0",
+    )
+
+
 def test_local_gpu_steps_reserve_nothing_and_are_left_alone() -> None:
     compiled = traced(on_caller(pipeline.INPUT))
     result = place(compiled.graph, cluster=Cluster.single(1))
@@ -278,3 +308,31 @@ def test_a_deploy_that_cannot_fit_fails_at_once_and_the_next_one_runs(ray_sessio
         Sixteen()(pipeline.INPUT).deploy()
     with pipeline.compile(Plain()(prep(pipeline.INPUT))).deploy() as p:
         assert p.call(1) == 2
+
+
+@pipeline.step(execution_mode="actors")
+def stamp(x: int) -> tuple[int, int, int]:
+    """x + 1, the process it ran in, and how many GPUs that process holds."""
+    import ray
+
+    return x + 1, os.getpid(), len(ray.get_gpu_ids())
+
+
+@pipeline.step(execution_mode="actors", num_gpus=1)
+class Doubler:
+    def __call__(self, t: tuple[int, int, int]) -> tuple[int, int, int, int]:
+        return 2 * t[0], t[1], os.getpid(), t[2]
+
+
+def test_deploy_runs_a_folded_cpu_step_in_the_gpu_steps_actor(ray_session: Any) -> None:
+    node = Doubler()(stamp(pipeline.INPUT))
+    with pipeline.compile(node).deploy() as p:
+        assert "fused actors" in p.graph.dump() and "# actors gpu=1, 2 nodes" in p.graph.dump()
+        value, stamp_pid, doubler_pid, gpus_seen = p.call(3)
+    # One replica pool serves both: the CPU step ran in the GPU actor's
+    # process, and saw its (logical) GPU.
+    assert (value, gpus_seen) == (8, 1) and stamp_pid == doubler_pid != os.getpid()
+    # Split (no passes): the same answer from two actors; the CPU one holds no GPU.
+    with pipeline.compile(node, optimize=False).deploy() as p:
+        value, stamp_pid, doubler_pid, gpus_seen = p.call(3)
+    assert (value, gpus_seen) == (8, 0) and stamp_pid != doubler_pid

@@ -2,8 +2,9 @@
 
 Hypothesis draws a recipe (a small program: 1-10 steps with fan-out,
 fan-in, projections, constants, switches, random modes, replica counts,
-purity, fuse flags and GPU shares, repeated calls for CSE to find, and
-step names that clash: one __name__ from a factory, names equal after
+purity, fuse flags, GPU shares and CPU requests (half of the recipes
+have a GPU and a CPU actor step of equal replicas, for colocate_actors'
+fold), repeated calls for CSE to find, and step names that clash: one __name__ from a factory, names equal after
 sanitizing, builtins, keywords, generated-looking and non-ASCII) built
 from the module-level steps below, so that Ray workers can import them.
 The recipe becomes a builder graph; a reference evaluator walks that
@@ -22,6 +23,7 @@ deploys each, every pipeline shut down.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -136,6 +138,7 @@ class Variant:
     fuse: bool = True
     gpus: float | None = None
     name: str | None = None  # the step's name= option (None: its __name__)
+    cpus: float | None = None
 
 
 # Step names that once made two different steps share one generated global:
@@ -167,10 +170,10 @@ _STEPS: dict[tuple[object, Variant], Any] = {}
 def step_of(target: Callable[..., object], v: Variant) -> Any:
     """The step for `target` decorated as `v`: one object per pair, so a
     recipe that reuses a variant reuses the step (one StepSpec, one pool)."""
-    v = Variant(v.mode, v.replicas, v.pure and not isinstance(target, type), v.fuse, v.gpus, v.name)
+    v = dataclasses.replace(v, pure=v.pure and not isinstance(target, type))
     if (target, v) not in _STEPS:
         decorate = pipeline.step(
-            execution_mode=v.mode, num_replicas=v.replicas, num_gpus=v.gpus, fuse=v.fuse, pure=v.pure, name=v.name
+            execution_mode=v.mode, num_replicas=v.replicas, num_gpus=v.gpus, num_cpus=v.cpus, fuse=v.fuse, pure=v.pure, name=v.name
         )
         _STEPS[(target, v)] = decorate(target)
     return _STEPS[(target, v)]
@@ -199,6 +202,13 @@ def recipes(draw: st.DrawFn, max_steps: int = 10, allow_gpu: bool = True) -> Rec
     # A few decorations per recipe, so neighbours often share a mode and
     # replica count (fusion has work) and steps are often shared.
     palette = draw(st.lists(variants(allow_gpu), min_size=1, max_size=3))
+    if allow_gpu and draw(st.booleans()):
+        # A GPU actor step and a CPU one with equal replicas, so that
+        # colocate_actors' fold (a CPU step asking for at most 1 CPU joins
+        # the GPU step's actor) has work, and is refused for 2 CPUs.
+        replicas = draw(st.sampled_from([1, 2]))
+        cpus = draw(st.sampled_from([None, None, 1.0, 2.0]))
+        palette = [Variant(mode="actors", replicas=replicas, gpus=1.0), Variant(mode="actors", replicas=replicas, cpus=cpus), *palette[:1]]
 
     def pick(kind: str) -> int:
         # Mostly the latest value (chains, which fusion works on, and
@@ -455,6 +465,8 @@ def _record(graph: Graph, optimized: Graph, expected: list[Outcome]) -> None:
         event("eliminate_common merged nodes")
     if any(s.placement.colocate for s in optimized.steps) or any(f.placement.colocate for f in fused):
         event("colocate labelled")
+    if any(f.placement.num_gpus and any(isinstance(b, Call) and not optimized.step(b.step).placement.num_gpus for b in f.body) for f in fused):
+        event("a CPU step folded into a GPU actor")
     if any(isinstance(n, Switch) for n in graph.nodes):
         event("has a switch")
     if ValueError in expected:

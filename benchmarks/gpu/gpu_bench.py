@@ -24,7 +24,11 @@ b. resnet18 (weights=None, eval, no_grad, fixed seed) at batch 1 and 16:
    after a warm-up.
 c. preprocess (a torchvision transform, CPU) in one actor -> classifier in
    a GPU actor, vs one GPU actor doing both, at batch 1 and 16: p50 and
-   p99 latency of a call from the driver.
+   p99 latency of a call from the driver. Then the same two steps as a
+   pipeline_ir pipeline: compiled with the default passes, which fold the
+   small CPU step into the GPU step's actor (colocate_actors), against
+   the split deployment (`fuse=False` on the preprocess step), each ACTORS
+   with one replica, calls interleaved between the two.
 
 Output: `$OUT/gpu_bench.json` (OUT defaults to ./gpu_out): the date, the
 GPU, the versions and every part's rows; and a table on stdout. No network
@@ -323,47 +327,111 @@ class Both:
         return self.classify.run(self.preprocess.run(images))
 
 
-def pipeline(ray: Any, s: Settings) -> dict[str, Any]:
+def _timed(ways: dict[str, Callable[[list[Any]], object]], s: Settings, skipped: dict[str, str]) -> list[dict[str, Any]]:
+    """p50 and p99 ms of each way at each batch size, calls interleaved
+    between the ways; a way that fails is recorded in `skipped`."""
     import numpy as np
 
+    rng = np.random.default_rng(SEED)
+    rows: list[dict[str, Any]] = []
+    for batch in s.batches:
+        images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(batch)]
+        times: dict[str, list[float]] = {label: [] for label in ways}
+        for n in range(s.calls + s.warmup):  # interleaved
+            for label, call in ways.items():
+                if label in skipped:
+                    continue
+                start = time.perf_counter()
+                try:
+                    call(images)
+                except Exception as e:  # this way fails: record it, keep the others
+                    skipped[label] = f"failed: {type(e).__name__}: {e}"[:2000]
+                    continue
+                if n >= s.warmup:
+                    times[label].append(time.perf_counter() - start)
+        for label, taken in times.items():
+            if not taken:
+                continue
+            taken.sort()
+            rows.append(row(f"batch {batch}: {label}: p50", taken[len(taken) // 2] * 1e3, "ms"))
+            rows.append(row(f"batch {batch}: {label}: p99", taken[min(len(taken) - 1, int(len(taken) * 0.99))] * 1e3, "ms"))
+    return rows
+
+
+class _PreprocessStep:
+    """The preprocess as a pipeline_ir step (no GPU, at most 1 CPU: small)."""
+
+    def __init__(self) -> None:
+        self.preprocess = Preprocess()
+
+    def __call__(self, images: list[Any]) -> Any:
+        return self.preprocess.run(images)
+
+
+class _ClassifyStep:
+    """The classifier as a pipeline_ir step."""
+
+    def __init__(self, device: str) -> None:
+        self.classify = Classify(device)
+
+    def __call__(self, batch: Any) -> list[int]:
+        return self.classify.run(batch)
+
+
+def pipeline(ray: Any, s: Settings) -> dict[str, Any]:
     pre = ray.remote(num_cpus=1)(Preprocess).remote()
     cls = ray.remote(num_gpus=s.gpus)(Classify).remote(s.device)
     both = ray.remote(num_gpus=s.gpus)(Both).remote(s.device)
-    rng = np.random.default_rng(SEED)
-    rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     try:
-        ways = {
-            "preprocess actor (CPU) -> classifier actor (GPU)": lambda images: cls.run.remote(pre.run.remote(images)),
-            "one GPU actor doing both": lambda images: both.run.remote(images),
+        ways: dict[str, Callable[[list[Any]], object]] = {
+            "preprocess actor (CPU) -> classifier actor (GPU)": lambda images: ray.get(cls.run.remote(pre.run.remote(images)), timeout=CALL_TIMEOUT_S),
+            "one GPU actor doing both": lambda images: ray.get(both.run.remote(images), timeout=CALL_TIMEOUT_S),
         }
-        for batch in s.batches:
-            images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(batch)]
-            times: dict[str, list[float]] = {label: [] for label in ways}
-            for n in range(s.calls + s.warmup):  # interleaved
-                for label, call in ways.items():
-                    if label in skipped:
-                        continue
-                    start = time.perf_counter()
-                    try:
-                        ray.get(call(images), timeout=CALL_TIMEOUT_S)
-                    except Exception as e:  # this way fails: record it, keep the other
-                        skipped[label] = f"failed: {type(e).__name__}: {e}"[:2000]
-                        continue
-                    if n >= s.warmup:
-                        times[label].append(time.perf_counter() - start)
-            for label, taken in times.items():
-                if not taken:
-                    continue
-                taken.sort()
-                rows.append(row(f"batch {batch}: {label}: p50", taken[len(taken) // 2] * 1e3, "ms"))
-                rows.append(row(f"batch {batch}: {label}: p99", taken[min(len(taken) - 1, int(len(taken) * 0.99))] * 1e3, "ms"))
+        rows = _timed(ways, s, skipped)
         serializer = ray.get(pre.serializer_used.remote(), timeout=CALL_TIMEOUT_S)
-        notes = f"224x224 uint8 images; transform ToImage, ToDtype(float32, scale), Normalize; {s.calls} calls after {s.warmup} warm-up, interleaved; tensors between actors: {serializer}"
-        return {"rows": rows, "skipped": skipped, "notes": notes}
     finally:
         for actor in (pre, cls, both):
             ray.kill(actor)
+    _wait_released(ray)
+    folded = _pipeline_ir_fold(s, rows, skipped)
+    notes = (
+        f"224x224 uint8 images; transform ToImage, ToDtype(float32, scale), Normalize; {s.calls} calls after {s.warmup} "
+        f"warm-up, interleaved; tensors between actors: {serializer}; pipeline_ir: {folded}"
+    )
+    return {"rows": rows, "skipped": skipped, "notes": notes}
+
+
+def _wait_released(ray: Any, limit_s: float = 30.0) -> None:
+    """Wait (bounded) until killed actors' CPUs and GPUs are free again:
+    deploy() checks what is free before it starts anything."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        free, total = ray.available_resources(), ray.cluster_resources()
+        if all(free.get(k, 0.0) >= total.get(k, 0.0) for k in ("CPU", "GPU")):
+            return
+        time.sleep(0.2)
+
+
+def _pipeline_ir_fold(s: Settings, rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
+    """The same two steps through pipeline_ir, folded (default passes) and
+    split (fuse=False on preprocess), deployed side by side once the raw
+    actors are gone (each holds `s.gpus`); rows appended to `rows`.
+    Returns what colocate_actors decided, for the notes."""
+    import pipeline_ir as pl
+
+    classify = pl.step(_ClassifyStep, execution_mode="actors", num_gpus=s.gpus or None)
+    folded = pl.compile(classify(s.device)(pl.step(_PreprocessStep, execution_mode="actors")()(pl.INPUT)), name="folded")
+    split = pl.compile(classify(s.device)(pl.step(_PreprocessStep, execution_mode="actors", fuse=False)()(pl.INPUT)), name="split")
+    units = {name: len(c.graph.units()) for name, c in (("folded", folded), ("split", split))}
+    with folded.deploy() as one, split.deploy() as two:
+        ways: dict[str, Callable[[list[Any]], object]] = {
+            "pipeline_ir, preprocess folded in the GPU actor (default)": lambda images: one.call(images, timeout=CALL_TIMEOUT_S),
+            "pipeline_ir, split (fuse=False on preprocess)": lambda images: two.call(images, timeout=CALL_TIMEOUT_S),
+        }
+        rows.extend(_timed(ways, s, skipped))
+    record = next((r for rec in folded.records if rec.name == "colocate_actors" for r in rec.rewrites), "no change")
+    return f"actor units folded {units['folded']}, split {units['split']}; colocate_actors: {record}"
 
 
 # -- the run --

@@ -40,6 +40,7 @@ from pipeline_ir.ir.nodes import AnyNode, Call, Fused, Mode, Project, StepSpec
 from pipeline_ir.ir.printer import node_label
 from pipeline_ir.ir.types import ANY, TypeRef, render
 from pipeline_ir.ir.verify import bind_arguments
+from pipeline_ir.passes.colocate_actors import small
 from pipeline_ir.passes.grouping import gpu_class
 from pipeline_ir.passes.manager import PassResult
 
@@ -153,7 +154,7 @@ def _why_apart(memo: _Memo, a: _Remote, b: _Remote, source: int, consumer: int) 
     batched = sorted({s.name for s in a.steps + b.steps if s.placement.batching is not None})
     if batched:
         return f"{', '.join(batched)} {'is' if len(batched) == 1 else 'are'} batched, and a batched step is a unit of its own"
-    if a.gpus != b.gpus:
+    if a.gpus != b.gpus and not _foldable(a, b):
         return f"GPU boundary (gpu={a.gpus:g} vs gpu={b.gpus:g})"
     if a.mode == "actors" and a.replicas != b.replicas:
         return f"replica counts differ (x{a.replicas} vs x{b.replicas})"
@@ -164,7 +165,16 @@ def _why_apart(memo: _Memo, a: _Remote, b: _Remote, source: int, consumer: int) 
         shared = sorted({s.name for s in a.steps + b.steps if _called_outside(graph, s.key, {source, consumer})})
         if shared:
             return f"{', '.join(shared)} also {'runs' if len(shared) == 1 else 'run'} elsewhere, and one step's replica pool is never split"
+    if a.mode == "actors" and a.gpus == b.gpus > 0 and any(gpu_class(s) == 0 for s in a.steps + b.steps):
+        return "a small CPU step joins one GPU step's actor, and colocate_actors never merges two GPU steps' actors through it"
     return "no fusion pass merged them (fuse_tasks / colocate_actors did not run)"
+
+
+def _foldable(a: _Remote, b: _Remote) -> bool:
+    """Whether a GPU boundary between ACTORS units is one colocate_actors
+    may fold across: one end holds only small CPU steps."""
+    cpu_end = a if a.gpus == 0 else b if b.gpus == 0 else None
+    return a.mode == "actors" and cpu_end is not None and all(small(s) for s in cpu_end.steps)
 
 
 def _called_outside(graph: Graph, key: str, units: set[int]) -> bool:

@@ -2,12 +2,16 @@
 
 A fusion pass says which call nodes may share a group (`group_class`: equal
 classes may fuse, None never) and how the group runs (`placement`, the
-group's Placement). This module finds the groups and rewrites the graph. A group grows backwards from
-a node into a producer when the producer is the end of a group of the same
-class and the node is its only reader, so every member but the last is read
-only inside the group: groups are convex (no path leaves and re-enters) and
-have one output. Projections of a group's last node, and constants read only
-inside a group, join it too. A group needs two calls or more to be formed.
+group's Placement). A pass whose classes are more than equal-or-not (a
+small CPU step may join a GPU step's actor: colocate_actors.py) also gives
+`join`: the class of a group grown by one node, or None when they stay
+apart. This module finds the groups and rewrites the graph. A group grows
+backwards from a node into a producer when the producer is the end of a
+group whose class joins the node's and the node is its only reader, so
+every member but the last is read only inside the group: groups are
+convex (no path leaves and re-enters) and have one output. Projections of
+a group's last node, and constants read only inside a group, join it too.
+A group needs two calls or more to be formed.
 
 Because every member but the last is read only inside its group, a group
 never spans a switch: all of its members run in the same arm as its last
@@ -38,6 +42,14 @@ from pipeline_ir.passes.manager import PassResult
 
 
 GroupClass = Callable[[StepSpec], Hashable | None]
+# (class of a producer's group, class of the node reading it) -> the class
+# of the group grown by that node, or None: they stay apart.
+Join = Callable[[Hashable, Hashable], Hashable | None]
+
+
+def same(group: Hashable, node: Hashable) -> Hashable | None:
+    """The plain rule: equal classes fuse."""
+    return group if group == node else None
 
 
 def unbatched(group_class: GroupClass) -> GroupClass:
@@ -68,15 +80,18 @@ def combined_cpus(steps: list[StepSpec]) -> float | None:
 
 
 def combined_gpus(steps: list[StepSpec]) -> float | None:
-    """The GPU share of a unit of steps grouped by `gpu_class` (all equal)."""
+    """The GPU share of a unit of steps grouped by `gpu_class`: the share
+    of its GPU members (all equal), None if it has none. A CPU member
+    (share 0, folded into a GPU step's actor) asks for none of its own."""
     share = max(gpu_class(s) for s in steps)
     return share or None
 
 
-def find_groups(graph: Graph, group_class: GroupClass) -> list[list[int]]:
+def find_groups(graph: Graph, group_class: GroupClass, join: Join = same) -> list[list[int]]:
     """Groups of node ids (in topological order) of two calls or more, in
     the order of their last nodes. O(n log n): members are sorted once,
-    at the end."""
+    at the end. A node reading several groups takes them in the order of
+    its inputs, each whose class joins what it has taken so far."""
     readers = graph.readers()
     position = graph.index().position
     by_id = {n.id: n for n in graph.nodes}
@@ -88,25 +103,31 @@ def find_groups(graph: Graph, group_class: GroupClass) -> list[list[int]]:
     # (maybe several times): computed once, as a fan-out has many readers.
     sole_reader = {i: rs[0] for i, rs in readers.items() if rs and rs.count(rs[0]) == len(rs)}
 
-    def absorbable(producer: int, reader: int, k: Hashable) -> bool:
+    def absorbable(producer: int, reader: int) -> _Group | None:
         g = tail.get(producer)
-        return g is not None and g.klass == k and sole_reader.get(producer) == reader
+        return g if g is not None and sole_reader.get(producer) == reader else None
 
     for n in graph.nodes:
         k: Hashable | None = None
-        if isinstance(n, Call):
-            k = group_class(graph.step(n.step))
-        elif isinstance(n, Project) and (source := tail.get(n.source)) is not None and absorbable(n.source, n.id, source.klass):
+        absorbed: list[_Group] = []
+        if isinstance(n, Call) and (k := group_class(graph.step(n.step))) is not None:
+            for i in dict.fromkeys(node_inputs(n)):
+                if (g := absorbable(i, n.id)) is not None and (grown := join(g.klass, k)) is not None:
+                    k = grown
+                    absorbed.append(tail.pop(i))
+        elif isinstance(n, Project) and (source := absorbable(n.source, n.id)) is not None:
+            # A projection of a group's last node: it keeps the group's class.
             k = source.klass
+            absorbed.append(tail.pop(n.source))
         if k is None:
             continue
-        absorbed = [tail.pop(i) for i in dict.fromkeys(node_inputs(n)) if absorbable(i, n.id, k)]
         # The largest absorbed group takes in the others: each id is copied
         # O(log n) times in all, where copying every group would be O(n).
         absorbed.sort(key=lambda g: -len(g.members))
         group = absorbed[0] if absorbed else _Group(k, [])
         for other in absorbed[1:]:
             group.members.extend(other.members)
+        group.klass = k
         group.members.append(n.id)
         tail[n.id] = group
     groups = [g.members for g in tail.values() if sum(isinstance(by_id[i], Call) for i in g.members) >= 2]
@@ -194,11 +215,11 @@ def fuse_pass(
     return PassResult(new_graph, rewrites + batched_notes(graph, group_class))
 
 
-def batched_notes(graph: Graph, group_class: GroupClass) -> tuple[str, ...]:
+def batched_notes(graph: Graph, group_class: GroupClass, join: Join = same) -> tuple[str, ...]:
     """One line per batched call that `group_class` would have fused with
     a neighbour, saying why it stays its own unit."""
     notes = []
-    for ids in find_groups(graph, group_class):
+    for ids in find_groups(graph, group_class, join):
         for i in ids:
             node = graph.node(i)
             if not isinstance(node, Call):
