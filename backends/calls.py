@@ -7,7 +7,7 @@ concurrent calls (threads, asyncio tasks) each see their own:
 - launchers `track()` every ObjectRef they submit, with the node it
   computes and how to cancel it (a task is stopped, a queued actor call
   dropped; a running actor call cannot be interrupted in Ray, so its pool
-  is told, see ray_actors.py);
+  is told, see pool.py);
 - the fetch helpers (ray_runtime.py) wait no longer than `remaining()` and
   on expiry raise `PipelineTimeoutError` naming the first step of the call
   still unfinished: work is submitted in program order, so that is the

@@ -2,7 +2,7 @@
 over fast_transport.py, and `FastRef`, which stands for such a call's
 result the way an ObjectRef does for a Ray actor task.
 
-A pool (ray_actors.py) sends a call over the fast path when the chosen
+A pool (pool.py) sends a call over the fast path when the chosen
 replica runs on this node, answered ready() with a fast-path address, and
 no input of the call is a Ray ObjectRef (a ref goes to the replica through
 Ray, which resolves it there, rather than through this process). The call
@@ -43,7 +43,7 @@ from pipeline_ir.backends.fast_transport import CallTimeout, Pending, RemoteFail
 from pipeline_ir.errors import PipelineTimeoutError, StepError
 
 if TYPE_CHECKING:
-    from pipeline_ir.backends.ray_actors import Pool, _Slot
+    from pipeline_ir.backends.pool import Pool, Slot
 
 _UNSET: Any = object()
 
@@ -56,7 +56,7 @@ class FastRef(calls.PendingRef):
     def __init__(
         self,
         pool: Pool,
-        slot: _Slot,
+        slot: Slot,
         node_id: int,
         pending: Pending,
         started: float,

@@ -4,7 +4,7 @@ over a Unix socket, instead of a Ray actor task.
 A Ray actor task costs the better part of a millisecond; a round trip over
 a Unix socket to a thread blocked in `recv` costs tens of microseconds and
 no CPU while idle (docs/design.md, "Fast path"). This module is that
-transport and nothing else: the replica pool (ray_actors.py) decides when
+transport and nothing else: the replica pool (pool.py) decides when
 to use it and falls back to Ray actor calls when it cannot. The wire
 format and the socket I/O are in fast_frames.py.
 

@@ -32,7 +32,7 @@ import ray
 from pipeline_ir.options import DeployOptions
 
 if TYPE_CHECKING:
-    from pipeline_ir.backends.ray_actors import Pool, _Slot
+    from pipeline_ir.backends.pool import Pool, Slot
 
 _TICK_S = 0.25
 
@@ -45,7 +45,7 @@ class HealthMonitor:
         self.policy = policy
         self._stop = threading.Event()
         # Pings in flight: (pool, slot, ref, sent at).
-        self._pings: list[tuple[Pool, _Slot, Any, float]] = []
+        self._pings: list[tuple[Pool, Slot, Any, float]] = []
         self._next_ping = time.monotonic() + policy.health_check_period_s
         self._thread = threading.Thread(target=self._loop, name="pipeline_ir-health", daemon=True)
         self._thread.start()
@@ -89,7 +89,7 @@ class HealthMonitor:
         refs = [ref for _, _, ref, _ in self._pings]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
         answered = {id(r) for r in ready}
-        waiting: list[tuple[Pool, _Slot, Any, float]] = []
+        waiting: list[tuple[Pool, Slot, Any, float]] = []
         for pool, slot, ref, sent in self._pings:
             if id(ref) in answered:
                 try:

@@ -10,7 +10,7 @@ of an actor task (see docs/backends.md for the figures).
 `Channel.submit` returns a CompiledDAGRef, which the generated code fetches
 with the same `_get` as an ObjectRef. A compiled graph is not thread-safe,
 so submissions hold a lock. This module holds the compiled graph's
-lifecycle only; the pool (ray_actors.py) decides when to build or rebuild
+lifecycle only; the pool (pool.py) decides when to build or rebuild
 it, and the replica runs one call at a time whichever way it arrives.
 """
 

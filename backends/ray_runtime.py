@@ -238,7 +238,7 @@ _replicas: dict[str, ReplicaInfo] = {}
 
 
 def register_replica(actor_id: str, info: ReplicaInfo) -> None:
-    """Record a live replica (ray_actors.py does, at start)."""
+    """Record a live replica (pool.py does, once it is up)."""
     _replicas[actor_id] = info
 
 

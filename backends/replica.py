@@ -23,7 +23,7 @@ that admits only that process, and returns its address with the rest.
 Those calls run on the server's connection threads, one at a time with
 the actor's own (the same lock), or into the batcher.
 
-This module decides nothing: the pool (ray_actors.py) routes, the monitor
+This module decides nothing: the pool (pool.py) routes, the monitor
 (health.py) judges.
 """
 
