@@ -154,7 +154,16 @@ def begin(timeout: float | None) -> tuple[CallState, contextvars.Token[CallState
 
 
 def end(token: contextvars.Token[CallState | None]) -> None:
+    """The call is over (its unfinished work already cancelled): forget
+    its refs. A fast-path ref points back at its state, and the cycle
+    would keep the values it read (and the shared-memory segments under
+    them) alive until the cyclic garbage collector ran."""
+    state = _CURRENT.get()
     _CURRENT.reset(token)
+    if state is not None:
+        state.refs.clear()
+        state.retries.clear()
+        state.aretries.clear()
 
 
 def track(ref: Any, node_id: int, cancel: Cancel, retry: Retry | None = None, aretry: ARetry | None = None) -> None:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import pipeline_ir as pipeline
@@ -263,3 +264,31 @@ def test_a_retry_can_change_paths(ray_session: Any) -> None:
         with concurrent.futures.ThreadPoolExecutor(8) as threads:
             assert list(threads.map(lambda _: p.call(0.01, timeout=60), range(200))) == [0.01] * 200
         killer.join()
+
+
+def test_large_values_free_their_shared_memory_after_each_call(ray_session: Any) -> None:
+    # A value read over the fast path lives in a shared-memory segment of
+    # the replica that sent it; once the call is over and the caller has
+    # dropped the result, the replica fills the same segment again. Were
+    # the call to keep what it read alive (a reference cycle, say), every
+    # call would make each replica map a new segment, and the caller learn
+    # it: with the garbage collector off, the count here would grow.
+    import gc
+
+    first = pipeline.step(identity, execution_mode="actors", name="first")
+    second = pipeline.step(identity, execution_mode="actors", name="second")
+    x = np.ones(2 << 20, dtype=np.uint8)  # over the 256 KiB inline threshold
+    with pipeline.compile(second(first(pipeline.INPUT)), optimize=False).deploy() as p:
+        gc.disable()
+        try:
+            for _ in range(6):
+                y = p.call(x)
+                assert y.shape == x.shape and int(y[-1]) == 1
+                del y
+        finally:
+            gc.enable()
+        learned = 0
+        for key in ("first", "second"):
+            client = pool_of(p, key).slots[0].fast
+            learned += sum(len(link.inbox._mappings) for link in client._idle)
+        assert 1 <= learned <= 4, learned  # one or two segments per replica, not one per call
