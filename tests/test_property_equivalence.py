@@ -493,10 +493,13 @@ RAY_INPUTS = st.lists(st.integers(-10, 10), min_size=3, max_size=5)
 RAY_SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def check_on_ray(backend: str | None, recipe: Recipe, xs: list[int], channels: bool = False) -> None:
+def check_on_ray(backend: str | None, recipe: Recipe, xs: list[int], channels: bool = False, fast_path: bool = True) -> None:
     """Deploy the recipe unoptimized and optimized (two deploys; a third
     with Compiled Graph channels when `channels`), call each on all of
-    `xs`, and compare with the reference. Without GPUs: the test cluster's
+    `xs`, and compare with the reference. Actor calls take the fast path
+    (the default) in the optimized deploys, and in the unoptimized one,
+    where values hop between the most actors, only when `fast_path` (drawn:
+    the other half go through Ray actor calls). Without GPUs: the test cluster's
     one logical GPU could not hold two GPU replicas (the place pass's tests
     cover GPUs)."""
     node = build(recipe)
@@ -505,9 +508,10 @@ def check_on_ray(backend: str | None, recipe: Recipe, xs: list[int], channels: b
     for optimize, use_channels in variants:
         compiled = pipeline.compile(node, backend=backend, optimize=optimize, channels=use_channels, debug=True)
         assert Graph.from_json(compiled.graph.to_json()) == compiled.graph
-        with compiled.deploy() as p:
+        fast = fast_path or optimize
+        with compiled.deploy(fast_path=fast) as p:
             got = [outcome(p.call, x) for x in xs]
-        assert got == expected, f"backend={backend} optimize={optimize} channels={use_channels}\n{compiled.graph.dump()}"
+        assert got == expected, f"backend={backend} optimize={optimize} channels={use_channels} fast_path={fast}\n{compiled.graph.dump()}"
         if optimize and not use_channels:
             _record(compiled.source_graph, compiled.graph, expected)
         if use_channels:
@@ -521,15 +525,15 @@ def test_ray_tasks_backend_matches_the_reference(ray_session: Any, recipe: Recip
 
 
 @settings(RAY_SETTINGS, max_examples=15)
-@given(recipe=recipes(max_steps=6, allow_gpu=False), xs=RAY_INPUTS)
-def test_ray_actors_backend_matches_the_reference(ray_session: Any, recipe: Recipe, xs: list[int]) -> None:
-    check_on_ray("actors", recipe, xs, channels=True)
+@given(recipe=recipes(max_steps=6, allow_gpu=False), xs=RAY_INPUTS, fast_path=st.booleans())
+def test_ray_actors_backend_matches_the_reference(ray_session: Any, recipe: Recipe, xs: list[int], fast_path: bool) -> None:
+    check_on_ray("actors", recipe, xs, channels=True, fast_path=fast_path)
 
 
 @settings(RAY_SETTINGS, max_examples=20)
-@given(recipe=recipes(max_steps=6, allow_gpu=False), xs=RAY_INPUTS)
-def test_ray_steps_own_modes_match_the_reference(ray_session: Any, recipe: Recipe, xs: list[int]) -> None:
-    check_on_ray(None, recipe, xs, channels=True)
+@given(recipe=recipes(max_steps=6, allow_gpu=False), xs=RAY_INPUTS, fast_path=st.booleans())
+def test_ray_steps_own_modes_match_the_reference(ray_session: Any, recipe: Recipe, xs: list[int], fast_path: bool) -> None:
+    check_on_ray(None, recipe, xs, channels=True, fast_path=fast_path)
 
 
 def _is_channel(graph: Graph, node: Any) -> bool:
