@@ -255,3 +255,26 @@ def test_seed_examples_as_a_script_with_steps_in_main(tmp_path: Path, ray_sessio
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tasks ok" in done.stdout and "actors ok" in done.stdout
+
+
+class Weights:
+    """A TASKS class step holding `n` bytes of state."""
+
+    def __init__(self, n: int) -> None:
+        self.w = bytes(range(256)) * (n // 256)
+
+    def __call__(self, i: int) -> int:
+        return self.w[i % len(self.w)] + len(self.w)
+
+
+def test_small_units_ride_in_the_function_large_ones_in_the_object_store(ray_session: Any) -> None:
+    # A unit up to INLINE_UNIT_BYTES is exported with its remote function
+    # (no ref per call); a larger one (a model) is put once and passed by ref.
+    from pipeline_ir.backends.ray_tasks import INLINE_UNIT_BYTES
+
+    step = pipeline.step(Weights, execution_mode="tasks")
+    for n, inline in ((1024, True), (2 * INLINE_UNIT_BYTES, False)):
+        with step(n)(pipeline.INPUT).deploy() as p:
+            assert [p.call(i) for i in (1, 300)] == [1 + n, 300 % 256 + n]
+            (task,) = p._program.launchers["tasks"].tasks.values()  # type: ignore[attr-defined]
+            assert (task.lead == ()) is inline
