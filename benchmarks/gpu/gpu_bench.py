@@ -213,10 +213,55 @@ def transfer(ray: Any, s: Settings) -> dict[str, Any]:
         local = ray.get(sender.local_copy_ms.remote(s.megabytes, s.transfers), timeout=CALL_TIMEOUT_S)
         rows.append(row(f"{s.megabytes} MB copy on the device, one process", local, "ms"))
         notes = f"median of {s.transfers} after a warm-up; wall clock from the driver (two actor calls each); devices seen by the receiver: {devices}"
-        return {"rows": rows, "skipped": skipped, "notes": notes}
     finally:
         for actor in (sender, receiver):
             ray.kill(actor)
+    _wait_released(ray)
+    _pipeline_ir_hop(s, rows, skipped)
+    return {"rows": rows, "skipped": skipped, "notes": notes}
+
+
+def make_tensor(arg: tuple[int, int, str]) -> Any:
+    """A pipeline_ir GPU step: a fresh tensor of `megabytes` on `device`."""
+    import torch
+
+    i, megabytes, device = arg
+    return torch.full((megabytes * 2**20 // 4,), float(i), device=device)
+
+
+def where_is(t: Any) -> str:
+    """A pipeline_ir GPU step reading the tensor where it arrived."""
+    assert float(t[-1]) == float(t[0])
+    return str(t.device)
+
+
+def _pipeline_ir_hop(s: Settings, rows: list[dict[str, Any]], skipped: dict[str, str]) -> None:
+    """The same hop between two pipeline_ir GPU steps (`fuse=False`, so
+    two actors): over the fast path (the default; today a CUDA tensor
+    crosses the caller through host memory) and through Ray actor calls
+    (`fast_path=False`), interleaved. The figures a CUDA IPC path in the
+    fast path would be judged against (issue 11)."""
+    import pipeline_ir as pipeline
+
+    make = pipeline.step(make_tensor, execution_mode="actors", num_gpus=s.gpus or None, fuse=False)
+    read = pipeline.step(where_is, execution_mode="actors", num_gpus=s.gpus or None, fuse=False)
+    node = read(make(pipeline.INPUT))
+    ways = {"fast path (default)": True, "Ray actor calls (fast_path=False)": False}
+    deployed = {label: pipeline.compile(node).deploy(fast_path=fast) for label, fast in ways.items()}
+    try:
+        times: dict[str, list[float]] = {label: [] for label in ways}
+        for i in range(s.transfers + 1):
+            for label, p in deployed.items():
+                start = time.perf_counter()
+                p.call((i, s.megabytes, s.device), timeout=CALL_TIMEOUT_S)
+                times[label].append(time.perf_counter() - start)
+        for label, taken in times.items():
+            rows.append(row(f"{s.megabytes} MB GPU step -> GPU step, pipeline_ir: {label}", statistics.median(taken[1:]) * 1e3, "ms"))
+    except Exception as e:
+        skipped["pipeline_ir GPU step -> GPU step"] = f"failed: {type(e).__name__}: {e}"[:2000]
+    finally:
+        for p in deployed.values():
+            p.shutdown()
 
 
 # -- b. resnet18, batch 1 vs 16 --
