@@ -1,5 +1,5 @@
 """The fast path as the replica pools use it: calls to replicas on this node
-over fast_transport.py, and `FastRef`, which stands for such a call's
+over the fast path (fast_transport.py), and `FastRef`, which stands for such a call's
 result the way an ObjectRef does for a Ray actor task.
 
 A pool (pool.py) sends a call over the fast path when the chosen
@@ -39,7 +39,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pipeline_ir.backends import calls
-from pipeline_ir.backends.fast_transport import CallTimeout, Pending, RemoteFailure, TransportError
+from pipeline_ir.backends.fast_client import Pending
+from pipeline_ir.backends.fast_transport import CallTimeout, RemoteFailure, TransportError
 from pipeline_ir.errors import PipelineTimeoutError, StepError
 
 if TYPE_CHECKING:

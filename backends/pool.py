@@ -47,7 +47,8 @@ import ray
 
 from pipeline_ir.backends import calls, fast_calls, fast_transport, ray_runtime
 from pipeline_ir.backends.fast_calls import FastRef, has_pending
-from pipeline_ir.backends.fast_transport import CallTimeout, FastClient, PeerGone, Unreachable
+from pipeline_ir.backends.fast_client import FastClient, Pending
+from pipeline_ir.backends.fast_transport import CallTimeout, PeerGone, Unreachable
 from pipeline_ir.backends.ray_channels import Channel
 from pipeline_ir.backends.replica import RemoteReplica, call_concurrency
 from pipeline_ir.backends.serialization import ensure_registered
@@ -373,7 +374,7 @@ class Pool:
         self,
         slot: Slot,
         node_id: int,
-        pending: fast_transport.Pending,
+        pending: Pending,
         started: float,
         state: calls.CallState | None,
         args: tuple[object, ...],

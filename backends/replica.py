@@ -36,7 +36,8 @@ from typing import Any
 import ray
 
 from pipeline_ir.backends.batching import Batcher
-from pipeline_ir.backends.fast_transport import Address, FastServer, supported
+from pipeline_ir.backends.fast_server import FastServer
+from pipeline_ir.backends.fast_transport import Address, supported
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.backends.worker import Unit, shippable
 from pipeline_ir.errors import StepError

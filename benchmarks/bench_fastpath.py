@@ -1,4 +1,4 @@
-"""The fast path (backends/fast_transport.py) against Ray's ways of calling
+"""The fast path (backends/fast_transport.py, fast_client.py, fast_server.py) against Ray's ways of calling
 one actor that runs a whole 3-stage chain (each stage returns its input).
 
 Side by side in one run:
@@ -76,7 +76,7 @@ class Chain:
         return os.getpid()
 
     def serve(self, caller_pid: int) -> Any:
-        from pipeline_ir.backends.fast_transport import FastServer
+        from pipeline_ir.backends.fast_server import FastServer
 
         self.server = FastServer(self.dispatch, [caller_pid])
         return self.server.start()
@@ -223,7 +223,7 @@ def latency_and_idle(ray: Any, calls: int, warmup: int, idle_s: float, compiled_
     """Latency of each way to call a Chain actor (interleaved), then the
     idle CPU of each actor over the same `idle_s` seconds. Actors are
     killed at the end; a compiled graph is torn down."""
-    from pipeline_ir.backends.fast_transport import FastClient
+    from pipeline_ir.backends.fast_client import FastClient
 
     plain, hosting = _actor(ray), _actor(ray)
     fast = FastClient(ray.get(hosting.serve.remote(os.getpid())))
@@ -300,7 +300,7 @@ def throughput_rows(ray: Any, plain: Any, fast: Any, deployed: Any, rounds: int)
 
 def buffer_rows(ray: Any, plain: Any, fast: Any, repeats: dict[str, int]) -> dict[str, float]:
     """ms to get an array of each size to the actor and read it there."""
-    from pipeline_ir.backends.fast_transport import FastClient
+    from pipeline_ir.backends.fast_client import FastClient
 
     rows: dict[str, float] = {}
     threshold = fast.threshold
@@ -366,7 +366,7 @@ def latency_rows_in_child(calls: int, warmup: int) -> tuple[dict[str, float], st
 
 
 def run(smoke: bool = False) -> dict[str, Any]:
-    from pipeline_ir.backends.fast_transport import FastClient
+    from pipeline_ir.backends.fast_client import FastClient
 
     ray = _ray()
     calls, warmup, rounds = (50, 5, 1) if smoke else (CALLS, WARMUP, ROUNDS)

@@ -30,7 +30,7 @@ import pipeline_ir as pipeline
 
 pytestmark = pytest.mark.timeout(180)
 
-FAST_THREAD = "pipeline_ir-fast-conn"  # fast_transport.FastServer's connection threads
+FAST_THREAD = "pipeline_ir-fast-conn"  # fast_server.FastServer's connection threads
 
 
 def thread_and_pid(x: object) -> tuple[str, int, object]:
@@ -207,7 +207,8 @@ def test_only_the_pipelines_caller_is_served(ray_session: Any) -> None:
         address = pool_of(p, "identity").slots[0].fast.address
         probe = (
             "import sys\n"
-            "from pipeline_ir.backends.fast_transport import Address, FastClient, Unreachable\n"
+            "from pipeline_ir.backends.fast_client import FastClient\n"
+            "from pipeline_ir.backends.fast_transport import Address, Unreachable\n"
             f"client = FastClient(Address({address.path!r}, {address.pid}, {address.node!r}))\n"
             "try:\n"
             "    client.call((0, 1))\n"

@@ -1,4 +1,4 @@
-"""The same-node fast path (backends/fast_transport.py, fast_frames.py).
+"""The same-node fast path's transport (backends/fast_transport.py, fast_server.py, fast_client.py, fast_frames.py).
 
 A Ray actor of our own hosts a FastServer over a real replica unit (a
 compiled step, as the actors backend ships it), so a step's exception
@@ -24,11 +24,11 @@ import pytest
 
 import pipeline_ir as pipeline
 from pipeline_ir.backends import ray_runtime
+from pipeline_ir.backends.fast_client import FastClient
+from pipeline_ir.backends.fast_server import FastServer
 from pipeline_ir.backends.fast_transport import (
     Address,
     CallTimeout,
-    FastClient,
-    FastServer,
     PeerGone,
     RemoteFailure,
     Unreachable,
