@@ -95,8 +95,15 @@ class FastRef(calls.PendingRef):
         except TransportError as e:
             again = self._lost(e)
             return self.pool.fetch(again, self.node_id)
-        except BaseException as e:
+        except Exception as e:
             error = self._failed(e)
+        except BaseException:
+            # KeyboardInterrupt, say: not the step's doing. A read cut short
+            # dropped the connection; the call is over for the pool then
+            # (else the program's cancellation abandons it).
+            if self.pending.settled:
+                self.finish(False)
+            raise
         else:
             return self._ok(value)
         # Raised outside the except block: the step's error keeps its own cause.
@@ -118,6 +125,12 @@ class FastRef(calls.PendingRef):
             return await self.pool.afetch(again, self.node_id)
         except Exception as e:
             error = self._failed(e)
+        except BaseException:
+            # Cancelled: the read goes on (shielded) and the program's
+            # cancellation abandons the call; anything else cut it short.
+            if self.pending.settled:
+                self.finish(False)
+            raise
         else:
             return self._ok(value)
         raise error

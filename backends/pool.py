@@ -666,8 +666,12 @@ class Pool:
             slots, self.slots = self.slots + self.retired, []
             self.retired = []
             channel, self.channel = self.channel, None
+            abandoned, self.abandoned = self.abandoned, []
         if channel is not None:
             channel.close()
+        for ref, _, _ in abandoned:
+            if isinstance(ref, FastRef):
+                ref.pending.discard()  # its connection: nobody polls it any more
         here = ray.get_runtime_context().get_node_id()
         pids = []
         for actor_id in self._ended:
