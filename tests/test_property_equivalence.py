@@ -525,15 +525,21 @@ def test_ray_tasks_backend_matches_the_reference(ray_session: Any, recipe: Recip
 
 
 @settings(RAY_SETTINGS, max_examples=15)
-@given(recipe=recipes(max_steps=6, allow_gpu=False), xs=RAY_INPUTS, fast_path=st.booleans())
-def test_ray_actors_backend_matches_the_reference(ray_session: Any, recipe: Recipe, xs: list[int], fast_path: bool) -> None:
-    check_on_ray("actors", recipe, xs, channels=True, fast_path=fast_path)
+@given(recipe=recipes(max_steps=6, allow_gpu=False), xs=RAY_INPUTS, fast_path=st.booleans(), channels=st.booleans())
+def test_ray_actors_backend_matches_the_reference(
+    ray_session: Any, recipe: Recipe, xs: list[int], fast_path: bool, channels: bool
+) -> None:
+    # The opt-in channels deploy (a compiled graph to build and tear down,
+    # the slowest of the three) for half the examples.
+    check_on_ray("actors", recipe, xs, channels=channels, fast_path=fast_path)
 
 
 @settings(RAY_SETTINGS, max_examples=20)
-@given(recipe=recipes(max_steps=6, allow_gpu=False), xs=RAY_INPUTS, fast_path=st.booleans())
-def test_ray_steps_own_modes_match_the_reference(ray_session: Any, recipe: Recipe, xs: list[int], fast_path: bool) -> None:
-    check_on_ray(None, recipe, xs, channels=True, fast_path=fast_path)
+@given(recipe=recipes(max_steps=6, allow_gpu=False), xs=RAY_INPUTS, fast_path=st.booleans(), channels=st.booleans())
+def test_ray_steps_own_modes_match_the_reference(
+    ray_session: Any, recipe: Recipe, xs: list[int], fast_path: bool, channels: bool
+) -> None:
+    check_on_ray(None, recipe, xs, channels=channels, fast_path=fast_path)
 
 
 def _is_channel(graph: Graph, node: Any) -> bool:
