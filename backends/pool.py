@@ -79,6 +79,7 @@ class Slot:
     why: str | None = None  # why the pool ended it (health check, abandoned call)
     draining: int = 0  # abandoned calls it still runs: it takes no new calls
     fast: FastClient | None = None  # its fast-path server, when on this node (fast_calls.py)
+    socket: str | None = None  # that server's socket, removed when the replica is killed
 
 
 class Pool:
@@ -175,6 +176,7 @@ class Pool:
             if self.closed or slot.replaced or slot.actor_id is not None:
                 return
             slot.pid, slot.node, slot.actor_id, slot.fast = pid, node, actor_id, fast
+            slot.socket = None if fast is None else fast.address.path
         info = ray_runtime.ReplicaInfo(
             self.unit.label, self.node_ids, slot.index, pid, functools.partial(self._mark_dead, slot), lambda: slot.why
         )
@@ -688,11 +690,15 @@ class Pool:
 
 def _kill(slot: Slot) -> None:
     """Kill a replica's actor; its fast-path server's files go with it
-    (a killed process cannot remove them)."""
+    (a killed process cannot remove them), also when its calls had moved
+    to Ray calls (its client dropped)."""
     ray.kill(slot.handle)
     fast, slot.fast = slot.fast, None
+    socket, slot.socket = slot.socket, None
     if fast is not None:
-        fast.close(remove_server_files=True)
+        fast.close()
+    if socket is not None:
+        fast_transport.remove_files(socket)
 
 
 def _sendable(args: tuple[object, ...], kwargs: dict[str, object]) -> bool:

@@ -234,6 +234,12 @@ def test_no_socket_is_left_behind(ray_session: Any) -> None:
         time.sleep(0.2)
         for i in range(4):
             assert p.call(i, timeout=60) == i
+        # A replica whose calls moved to Ray calls (as after an unreachable
+        # socket) still has its files removed when it ends.
+        moved = pool_of(p, "identity").slots[1]
+        moved.fast, client = None, moved.fast
+        client.close()
+        assert p.call(9, timeout=60) == 9
     assert set(glob.glob(pattern)) - before == set()
 
 
