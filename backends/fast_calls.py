@@ -83,27 +83,15 @@ class FastRef(calls.PendingRef):
     def get(self) -> object:
         """The call's value, or its error (a StepError naming the step, or
         the call's PipelineTimeoutError) raised; read once, kept."""
-        if self._value is not _UNSET:
-            return self._value
-        if self._error is not None:
-            raise self._error
+        if self._value is not _UNSET or self._error is not None:
+            return self._kept()
         error: BaseException
         try:
             value = self.pending.wait(*_limits(self.state))
-        except CallTimeout:
-            error = self._expired()
         except TransportError as e:
-            again = self._lost(e)
-            return self.pool.fetch(again, self.node_id)
-        except Exception as e:
-            error = self._failed(e)
-        except BaseException:
-            # KeyboardInterrupt, say: not the step's doing. A read cut short
-            # dropped the connection; the call is over for the pool then
-            # (else the program's cancellation abandons it).
-            if self.pending.settled:
-                self.finish(False)
-            raise
+            return self.pool.fetch(self._lost(e), self.node_id)
+        except BaseException as e:
+            error = self._outcome(e)
         else:
             return self._ok(value)
         # Raised outside the except block: the step's error keeps its own cause.
@@ -111,29 +99,39 @@ class FastRef(calls.PendingRef):
 
     async def aget(self) -> object:
         """`get` for asyncio."""
-        if self._value is not _UNSET:
-            return self._value
-        if self._error is not None:
-            raise self._error
+        if self._value is not _UNSET or self._error is not None:
+            return self._kept()
         error: BaseException
         try:
             value = await self.pending.wait_async(*_limits(self.state))
-        except CallTimeout:
-            error = self._expired()
         except TransportError as e:
-            again = await self._alost(e)
-            return await self.pool.afetch(again, self.node_id)
-        except Exception as e:
-            error = self._failed(e)
-        except BaseException:
-            # Cancelled: the read goes on (shielded) and the program's
-            # cancellation abandons the call; anything else cut it short.
-            if self.pending.settled:
-                self.finish(False)
-            raise
+            return await self.pool.afetch(await self._alost(e), self.node_id)
+        except BaseException as e:
+            error = self._outcome(e)
         else:
             return self._ok(value)
         raise error
+
+    def _kept(self) -> object:
+        """The outcome read before: its value, or its error raised."""
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def _outcome(self, e: BaseException) -> BaseException:
+        """What to raise for `e`, raised while waiting for the answer (not
+        a broken connection, which `_lost` handles)."""
+        if isinstance(e, CallTimeout):
+            return self._expired()  # the call stays pending: the program's cancellation abandons it
+        if isinstance(e, Exception):
+            return self._failed(e)
+        # KeyboardInterrupt, asyncio's cancellation: not the step's doing.
+        # A read cut short dropped the connection, and the call is over for
+        # the pool; a cancelled asyncio read goes on (shielded) and the
+        # program's cancellation abandons the call.
+        if self.pending.settled:
+            self.finish(False)
+        return e
 
     def _ok(self, value: object) -> object:
         self._value = value

@@ -306,35 +306,33 @@ class FastClient:
             return CallTimeout(f"the replica (pid {self.address.pid}) did not answer within {timeout} s; the call may still be running there")
         if isinstance(e, (PeerGone, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
             gone = PeerGone(f"the replica (pid {self.address.pid}) closed its end with a call in flight: its process ended, or its server was closed")
-            self._mark_gone(gone)
+            self._end(gone)
             return gone
         if isinstance(e, OSError):
             return TransportError(f"fast-path call to the replica (pid {self.address.pid}) failed: {fr.describe(e)}")
         return e
 
-    def _mark_gone(self, gone: PeerGone) -> None:
+    def close(self, remove_server_files: bool = False) -> None:
+        """Close the idle connections (those in use close when their call
+        ends); with `remove_server_files`, also remove the server's socket
+        (for a replica killed before it could). Idempotent."""
+        self._end(None)
+        if remove_server_files:
+            remove_files(self.address.path)
+
+    def _end(self, gone: PeerGone | None) -> None:
+        """Mark the client gone (`gone`) or closed (None), close its idle
+        connections and wake whoever waits for one (they raise)."""
         with self._lock:
-            if self.gone is None:
+            if gone is None:
+                self.closed = True
+            elif self.gone is None:
                 self.gone = gone
             idle, self._idle = self._idle, []
             self._open -= len(idle)
             self._wake_all()
         for link in idle:
             link.close()
-
-    def close(self, remove_server_files: bool = False) -> None:
-        """Close the idle connections (those in use close when their call
-        ends); with `remove_server_files`, also remove the server's socket
-        (for a replica killed before it could). Idempotent."""
-        with self._lock:
-            self.closed = True
-            idle, self._idle = self._idle, []
-            self._open -= len(idle)
-            self._wake_all()
-        for link in idle:
-            link.close()
-        if remove_server_files:
-            remove_files(self.address.path)
 
 
 class Pending:
