@@ -168,14 +168,36 @@ def _remote(run: Any, unit: Unit, options: Mapping[str, object]) -> Any:
     return remote(**options)(run)
 
 
+class _TooLarge(Exception):
+    pass
+
+
+class _Budget:
+    """A file that counts what is written to it and gives up past `limit`
+    bytes: deciding whether a unit is small never pickles a large model
+    whole (ray.put pickles it once more anyway)."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes  # bytes, or a pickle.PickleBuffer for a large buffer
+        self.left -= size
+        if self.left < 0:
+            raise _TooLarge
+        return size
+
+
 def _pickles_small(unit: Unit) -> bool:
     """Whether `unit` pickles (as Ray exports functions) to at most
     INLINE_UNIT_BYTES."""
     try:
-        dumps: Any = cloudpickle.dumps  # untyped in Ray
-        return len(dumps(unit)) <= INLINE_UNIT_BYTES
+        dump: Any = cloudpickle.dump  # untyped in Ray
+        dump(unit, _Budget(INLINE_UNIT_BYTES))
     except Exception:
-        return False  # Ray's own serializers may still store it: the object store it is
+        # Too large, or only Ray's own serializers can store it: the object store it is.
+        return False
+    return True
 
 
 class TaskLauncher:
