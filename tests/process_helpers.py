@@ -11,10 +11,12 @@ def alive(pid: int) -> bool:
     """Whether process `pid` runs (a zombie has exited, so it does not)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        # Reaped between the two looks (reading a reaped pid's stat raises
+        # ESRCH): it has exited.
         return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def wait_gone(pids: Iterable[int], timeout_s: float = 10.0) -> list[int]:
