@@ -24,6 +24,7 @@ from pipeline_ir.backends.fast_transport import (
     HELLO,
     MAX_CONNECTIONS,
     REFUSED,
+    SPIN_S,
     THRESHOLD,
     Address,
     CallTimeout,
@@ -35,6 +36,23 @@ from pipeline_ir.backends.fast_transport import (
 # Once an answer's first byte is in, how long the rest may take (a large
 # frame comes in pieces): past it the connection is dropped.
 _REST_S = 10.0
+# A client stops spinning (SPIN_S) once this many answers in a row came
+# after the spin, and tries again one wait in _PROBE_EVERY: a replica whose
+# calls take milliseconds costs no spinning.
+_QUIET_AFTER = 4
+_PROBE_EVERY = 32
+# Whether polling pays is measured, not assumed: two calls in _TRY_OTHER
+# take the way (poll or block) that is behind, and each way keeps its last
+# _SAMPLES round trips, taken from calls that went the same way as the
+# call before them (the server polls for a call or not as the call before
+# it asked); the way with the lower median wins (a median: a call now and
+# then descheduled for milliseconds must not decide). On a busy machine
+# the poller takes the CPU its peer needs, and blocking wins.
+_TRY_OTHER = 16
+_SAMPLES = 9
+# One spinning thread per process: threads waiting at once would only take
+# the GIL from each other (and from the thread whose answer came).
+_spinner = threading.Lock()
 
 
 class FastClient:
@@ -47,11 +65,26 @@ class FastClient:
     (the replica is dead; the pool replaces it and makes a new client).
     """
 
-    def __init__(self, address: Address, *, max_connections: int = MAX_CONNECTIONS, threshold: int = THRESHOLD, connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: Address,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        threshold: int = THRESHOLD,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        spin_s: float = SPIN_S,
+    ) -> None:
         self.address = address
         self.max_connections = max_connections
         self.threshold = threshold
         self.connect_timeout = connect_timeout
+        self.spin_s = spin_s
+        # No lock for these: a race between threads only shifts a choice.
+        self.late = 0  # answers in a row that came after the spin
+        self.round_trips = (collections.deque(maxlen=_SAMPLES), collections.deque(maxlen=_SAMPLES))  # (s) of calls that polled, that blocked
+        self.poll_pays = True  # until blocking has been measured
+        self._calls = 0
+        self._polled_last = False
         self.gone: PeerGone | None = None
         self.closed = False
         self._lock = threading.Lock()  # guards what follows
@@ -82,12 +115,15 @@ class FastClient:
         pickled = fr.dumps((args, kwargs or {}))
         link = self._take(deadline, timeout)
         io = _FOREVER if deadline is None else fr.Blocking(deadline)
+        sent = time.perf_counter()  # the send counts: waking a server that blocked takes time here
+        polls = self._polls()
+        steady, self._polled_last = polls == self._polled_last, polls
         try:
-            link.send_blocking(link.frame(fr.CALL, pickled, self.threshold), io)
+            link.send_blocking(link.frame(fr.CALL | fr.POLL if polls else fr.CALL, pickled, self.threshold), io)
         except BaseException as e:
             self._discard(link)  # where the exchange stopped is unknown
             raise self._failure(e, timeout) from None
-        return Pending(self, link)
+        return Pending(self, link, polls, steady, sent)
 
     def _take(self, deadline: float | None, timeout: float | None) -> fr.Link:
         with self._lock:
@@ -117,6 +153,27 @@ class FastClient:
             self._discard(link)
             raise
         return link
+
+    def _polling(self) -> bool:
+        """Whether polling is the way that pays now."""
+        return self.poll_pays and self.late < _QUIET_AFTER and bool(self.spin_s)
+
+    def _polls(self) -> bool:
+        """Whether the thread sending a call polls for its answer: the way
+        that pays, except two calls in _TRY_OTHER (and one in _PROBE_EVERY
+        once the answers came late), which measure the other."""
+        if not self.spin_s:
+            return False
+        self._calls += 1
+        if self.late >= _QUIET_AFTER:
+            return self._calls % _PROBE_EVERY == 0
+        return self._polling() != (self._calls % _TRY_OTHER < 2)
+
+    def _measured(self, polled: bool, seconds: float) -> None:
+        polls, blocks = self.round_trips
+        (polls if polled else blocks).append(seconds)
+        if polls and blocks:
+            self.poll_pays = _median(polls) <= _median(blocks)
 
     def _settle(self, link: fr.Link, frame: fr.Incoming) -> object:
         """The call's outcome from its answer; the link goes back to the
@@ -166,8 +223,10 @@ class FastClient:
                     await asyncio.wait_for(self._greet(link, fr.ON_LOOP, None, timeout), self.connect_timeout)
                 except TimeoutError:
                     raise Unreachable(f"the replica's fast-path server did not greet within {self.connect_timeout} s") from None
-            await link.send(link.frame(fr.CALL, pickled, self.threshold), fr.ON_LOOP)
-            return Pending(self, link)
+            # A coroutine never polls (it would hold up its loop), but
+            # the server may, for the next call, where polling pays.
+            await link.send(link.frame(fr.CALL | fr.POLL if self._polling() else fr.CALL, pickled, self.threshold), fr.ON_LOOP)
+            return Pending(self, link, False, False, 0.0)
         except BaseException as e:
             self._discard(link)
             if isinstance(e, asyncio.CancelledError):
@@ -344,11 +403,14 @@ class Pending:
     CallTimeout leaves the call pending: wait again, poll, or `discard`.
     """
 
-    __slots__ = ("client", "link", "settled", "unknown", "_recv")
+    __slots__ = ("client", "link", "polls", "steady", "sent", "settled", "unknown", "_recv")
 
-    def __init__(self, client: FastClient, link: fr.Link) -> None:
+    def __init__(self, client: FastClient, link: fr.Link, polls: bool, steady: bool, sent: float) -> None:
         self.client = client
         self.link = link
+        self.polls = polls  # `wait` polls before it blocks
+        self.steady = steady  # went as the call before it: its round trip measures its way
+        self.sent = sent  # time.perf_counter() before the call was sent
         self.settled = False  # answer read, or link discarded
         self.unknown = False  # the read was cancelled under us: whether the call ended is not known
         self._recv: asyncio.Task[fr.Incoming] | None = None
@@ -359,20 +421,46 @@ class Pending:
         for the message)."""
         if self.settled:
             raise RuntimeError("this fast-path answer was already read")
-        link, io = self.link, _FOREVER
+        link, client, io = self.link, self.client, _FOREVER
+        polled = self.polls and _spinner.acquire(blocking=False)
+        if polled:
+            spun_from = time.perf_counter()
+            try:
+                spin_until = spun_from + client.spin_s
+                if timeout is not None:
+                    spin_until = min(spin_until, spun_from + timeout)
+                    io = fr.Blocking(time.monotonic() + max(timeout, _REST_S))
+                frame = link.recv_spinning(spin_until, io)
+            except BaseException as e:
+                self._drop()
+                raise client._failure(e, told) from None
+            finally:
+                _spinner.release()
+            if frame is not None:
+                client.late = 0
+                self.settled = True
+                if self.steady:
+                    client._measured(True, time.perf_counter() - self.sent)
+                return client._settle(link, frame)
+            client.late += 1
+            io = _FOREVER
+            if timeout is not None:
+                timeout = max(0.0, timeout - (time.perf_counter() - spun_from))
         if timeout is not None:
             # Wait for the answer's first byte without reading: a timeout
             # then leaves the connection whole, the call still pending.
             if not _readable(link.sock, timeout):
-                raise CallTimeout(f"the replica (pid {self.client.address.pid}) did not answer within {told if told is not None else timeout:g} s; the call may still be running there")
+                raise CallTimeout(f"the replica (pid {client.address.pid}) did not answer within {told if told is not None else timeout:g} s; the call may still be running there")
             io = fr.Blocking(time.monotonic() + max(timeout, _REST_S))
         try:
             frame = link.recv_blocking(io)
         except BaseException as e:
             self._drop()
-            raise self.client._failure(e, told) from None
+            raise client._failure(e, told) from None
         self.settled = True
-        return self.client._settle(link, frame)
+        if self.steady and polled == self.polls:
+            client._measured(polled, time.perf_counter() - self.sent)
+        return client._settle(link, frame)
 
     async def wait_async(self, timeout: float | None = None, told: float | None = None) -> object:
         """`wait` for asyncio. Cancelling the awaiting task leaves the call
@@ -458,6 +546,10 @@ class Pending:
         if not self.settled:
             self.settled = True
             self.client._discard(self.link)
+
+
+def _median(samples: collections.deque[float]) -> float:
+    return sorted(samples)[len(samples) // 2]
 
 
 def _readable(sock: socket.socket, timeout: float) -> bool:

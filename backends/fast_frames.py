@@ -44,6 +44,9 @@ from pipeline_ir.backends.fast_segments import DROP, Inbox, Outbox
 T = TypeVar("T")
 
 CALL, OK, ERR = 1, 2, 3  # frame kinds
+# A flag on a CALL's kind: the caller polls for this answer, and asks the
+# server to poll for its next call too (docs/design.md, "Spin, then block").
+POLL = 0x80
 SCRATCH = 64 * 1024  # per-connection receive buffer: small frames land here
 _MAX_FDS = 64  # per frame (the kernel allows 253); further large buffers go inline
 _MAX_PARTS = 512  # iovecs per sendmsg (IOV_MAX is 1024)
@@ -279,6 +282,30 @@ class Link:
         finally:
             if fds:
                 _close_all(fds)  # those not mapped: an error on the way
+
+    def recv_spinning(self, until: float, io: Blocking) -> Incoming | None:
+        """The frame if its first bytes arrive before `until` (a
+        time.perf_counter() value), polling without blocking until then;
+        None if none came (nothing read). The rest of a frame that started
+        is read with `io`."""
+        fds: list[int] = []
+        clock = time.perf_counter
+        try:
+            while True:
+                try:
+                    n = self._recv_first(fds, ON_LOOP)  # MSG_DONTWAIT, nothing else of the loop
+                    break
+                except BlockingIOError:
+                    if clock() >= until:
+                        return None
+                    # Where the peer waits for this very CPU (a busy
+                    # machine), let it run: its answer is what we wait for.
+                    os.sched_yield()
+            frame = self._whole(n)
+            return frame if frame is not None else run(self._recv_rest(fds, n, io))
+        finally:
+            if fds:
+                _close_all(fds)
 
     async def recv(self, io: IO) -> Incoming:
         """`recv_blocking` for asyncio."""

@@ -15,7 +15,16 @@ from typing import Any
 
 from pipeline_ir.backends import fast_frames as fr
 from pipeline_ir.backends.fast_frames import ProtocolError
-from pipeline_ir.backends.fast_transport import HELLO, REFUSED, THRESHOLD, Address, RemoteFailure, remove_files, socket_directory, this_node
+from pipeline_ir.backends.fast_transport import HELLO, REFUSED, SPIN_S, THRESHOLD, Address, RemoteFailure, remove_files, socket_directory, this_node
+
+
+# A connection polls for the next call when the caller asked it to (its
+# last call carried POLL: the caller measures whether polling pays, see
+# fast_client.py) and, as the client does, stops while the next call keeps
+# coming after the poll, trying again now and then; one connection thread
+# of the replica polls at a time.
+_QUIET_AFTER = 4
+_PROBE_EVERY = 32
 
 
 def _not_sent(args: tuple[Any, ...], error: Exception) -> BaseException:
@@ -38,9 +47,12 @@ class FastServer:
         *,
         threshold: int = THRESHOLD,
         on_unsendable: Callable[[tuple[Any, ...], Exception], BaseException] = _not_sent,
+        spin_s: float = SPIN_S,
     ) -> None:
         self.handler = handler
         self.threshold = threshold
+        self.spin_s = spin_s
+        self._spinner = threading.Lock()
         self.on_unsendable = on_unsendable
         self.refused = 0  # peers turned away (tests and logs read it)
         self.address: Address | None = None
@@ -106,10 +118,24 @@ class FastServer:
     def _serve(self, conn: socket.socket) -> None:
         link = fr.Link(conn)
         io = fr.Blocking(None)
+        late = waits = 0
+        polls = False
         try:
             link.send_blocking(fr.Outgoing([HELLO], len(HELLO)), io)
             while True:
-                frame = link.recv_blocking(io)
+                # Poll a little for the next call before blocking: a caller
+                # calling in a loop sends it within microseconds.
+                frame = None
+                waits += 1
+                if polls and (late < _QUIET_AFTER or not waits % _PROBE_EVERY) and self._spinner.acquire(blocking=False):
+                    try:
+                        frame = link.recv_spinning(time.perf_counter() + self.spin_s, io)
+                    finally:
+                        self._spinner.release()
+                    late = 0 if frame is not None else late + 1
+                if frame is None:
+                    frame = link.recv_blocking(io)
+                polls = bool(self.spin_s) and bool(frame.kind & fr.POLL)
                 kind, pickled = self._answer(frame)
                 # The arguments are gone with the frame: their segments are
                 # released now, and the notices ride on this very reply.
@@ -126,7 +152,7 @@ class FastServer:
 
     def _answer(self, frame: fr.Incoming) -> tuple[int, fr.Pickled]:
         try:
-            if frame.kind != fr.CALL:
+            if frame.kind & ~fr.POLL != fr.CALL:
                 raise ProtocolError(f"expected a call, got a frame of kind {frame.kind}")
             call: tuple[tuple[Any, ...], dict[str, Any]] = frame.value()  # type: ignore[assignment]
             args, kwargs = call

@@ -16,7 +16,8 @@ decides when to use it and falls back to Ray actor calls when it cannot.
   connections (one call in flight per connection), used from any number
   of threads (`call`, `send`) and from asyncio (`call_async`, `asend`, on
   the running loop's reader callbacks: no thread per call); `Pending`, a
-  call sent whose answer is read later. Every blocking call takes a
+  call sent whose answer is read later. A thread waiting for an answer
+  polls for up to SPIN_S before it blocks in `recvmsg`. Every blocking call takes a
   timeout; connecting always has one.
 - fast_frames.py and fast_segments.py: the wire format, the socket I/O,
   and the shared-memory segments large buffers travel in.
@@ -64,6 +65,12 @@ __all__ = [
 THRESHOLD = 256 * 1024
 MAX_CONNECTIONS = 8  # per client: the replica runs one call at a time anyway
 CONNECT_TIMEOUT_S = 10.0
+# A thread waiting for an answer polls the socket this long before it
+# blocks: a blocked thread's wake-up costs 20 to 40 us on a virtual
+# machine (the vCPU halts), about half of a small call's round trip
+# (docs/design.md, "Spin, then block"). Only one thread of a process spins
+# at a time, and a client whose answers keep coming later stops spinning.
+SPIN_S = 100e-6
 HELLO = b"PIRFAST1"  # the server's greeting once a peer is admitted...
 REFUSED = b"PIRFNO!!"  # ...or its only words to a refused one
 _PREFIX = "pipeline_ir-"

@@ -75,10 +75,11 @@ class Chain:
     def pid(self) -> int:
         return os.getpid()
 
-    def serve(self, caller_pid: int) -> Any:
+    def serve(self, caller_pid: int, spin_s: float | None = None) -> Any:
         from pipeline_ir.backends.fast_server import FastServer
+        from pipeline_ir.backends.fast_transport import SPIN_S
 
-        self.server = FastServer(self.dispatch, [caller_pid])
+        self.server = FastServer(self.dispatch, [caller_pid], spin_s=SPIN_S if spin_s is None else spin_s)
         return self.server.start()
 
     def dispatch(self, op: str, x: Any) -> object:
@@ -225,8 +226,11 @@ def latency_and_idle(ray: Any, calls: int, warmup: int, idle_s: float, compiled_
     killed at the end; a compiled graph is torn down."""
     from pipeline_ir.backends.fast_client import FastClient
 
-    plain, hosting = _actor(ray), _actor(ray)
+    plain, hosting, sleeper = _actor(ray), _actor(ray), _actor(ray)
     fast = FastClient(ray.get(hosting.serve.remote(os.getpid())))
+    # The same transport with neither side polling before it blocks
+    # (docs/design.md, "Spin, then block").
+    unpolled = FastClient(ray.get(sleeper.serve.remote(os.getpid(), 0.0)), spin_s=0.0)
     deployed = deploy_chain()
     pids: dict[str, int | list[int]] = {
         "plain actor": ray.get(plain.pid.remote()),
@@ -237,6 +241,7 @@ def latency_and_idle(ray: Any, calls: int, warmup: int, idle_s: float, compiled_
     blocks = {
         "ray actor call": sequential(lambda: ray.get(plain.run.remote(1))),
         "fast path, thread": sequential(lambda: fast.call(("run", 1))),
+        "fast path, thread, no polling": sequential(lambda: unpolled.call(("run", 1))),
         "fast path, asyncio": on_loop(loop, lambda: fast.call_async(("run", 1))),
         "pipeline_ir chain, default deploy: call": sequential(lambda: deployed.call(1)),
         "pipeline_ir chain, default deploy: call_async": on_loop(loop, lambda: deployed.call_async(1)),
@@ -273,8 +278,10 @@ def latency_and_idle(ray: Any, calls: int, warmup: int, idle_s: float, compiled_
     finally:
         deployed.shutdown()
         fast.close(remove_server_files=True)
+        unpolled.close(remove_server_files=True)
         ray.kill(plain)
         ray.kill(hosting)
+        ray.kill(sleeper)
         if compiled is not None:
             compiled.teardown(kill_actors=True)
 
@@ -402,6 +409,8 @@ def run(smoke: bool = False) -> dict[str, Any]:
         if f"p50 us: {anchor}" in rows:
             ratios[f"p50 fast path / {anchor}"] = fast_p50 / rows[f"p50 us: {anchor}"]
             ratios[f"p50 pipeline_ir chain (default deploy) / {anchor}"] = chain_p50 / rows[f"p50 us: {anchor}"]
+    if "p50 us: fast path, thread, no polling" in rows:
+        ratios["p50 fast path / the same without polling"] = fast_p50 / rows["p50 us: fast path, thread, no polling"]
     per_s = {k: v for k, v in rows.items() if k.startswith(f"calls/s, {IN_FLIGHT} in flight: ")}
     ray_per_s = per_s[f"calls/s, {IN_FLIGHT} in flight: ray actor calls"]
     ratios["throughput fast path / ray actor calls"] = per_s[f"calls/s, {IN_FLIGHT} in flight: fast path (asyncio)"] / ray_per_s
