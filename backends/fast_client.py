@@ -81,7 +81,11 @@ class FastClient:
         self.spin_s = spin_s
         # No lock for these: a race between threads only shifts a choice.
         self.late = 0  # answers in a row that came after the spin
-        self.round_trips = (collections.deque(maxlen=_SAMPLES), collections.deque(maxlen=_SAMPLES))  # (s) of calls that polled, that blocked
+        # Round trips (s) of calls that polled, and of calls that blocked.
+        self.round_trips: tuple[collections.deque[float], collections.deque[float]] = (
+            collections.deque(maxlen=_SAMPLES),
+            collections.deque(maxlen=_SAMPLES),
+        )
         self.poll_pays = True  # until blocking has been measured
         self._calls = 0
         self._polled_last = False

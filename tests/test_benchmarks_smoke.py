@@ -68,3 +68,17 @@ def test_smoke_never_writes_into_the_results_directory() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--smoke", "--out", str(RESULTS), "local_overhead"])
     assert exc.value.code == 2  # argparse's usage error, before anything ran
+
+
+def test_the_spin_experiment_runs() -> None:
+    """benchmarks/spin_ab.py stays out of the suite (its busy loops would
+    slow whatever runs next) but must not rot either."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.spin_ab", "--calls", "20"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    busy = min(2, os.cpu_count() or 1)
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(b, p) for b in range(busy + 1) for p in (0, 100)]
+    assert all(float(r[2]) > 0 and float(r[3]) >= float(r[2]) for r in rows)
