@@ -29,7 +29,7 @@ import itertools
 import keyword
 import linecache
 import weakref
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -66,6 +66,13 @@ class PythonCode:
     line_nodes: dict[int, int]
     filename: str
     entry: str
+    # LOCAL calls counted but not returned yet when a line starts (a
+    # straight run of code bumps one counter for all its calls as it
+    # begins): a call that fails there takes these back (`unreturned_at`).
+    unreturned: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # The timed program this one hands one call in n to (`generate`'s
+    # `sampled`): an error raised there is read against its lines.
+    inner: PythonCode | None = None
 
     def load(self) -> Callable[..., object]:
         """Compile the source and return its entry function."""
@@ -90,11 +97,12 @@ RUNTIME_NAMES = ("_get", "_aget", "_get_many", "_aget_many", "_no_match", "_cloc
 
 class Probes(Protocol):
     """Where the figures of LOCAL calls go (backends/stats.py): a counter
-    bumped after each call returns and, in the timed variant of a program,
-    a recorder of its duration. Both are C-level callables, so a probe
-    costs tens of nanoseconds."""
+    bumped (`next`) as a straight run of code begins, counting a call of
+    each LOCAL call in it, and, in the timed variant of a program, a
+    recorder of each call's duration. Both are C-level, so a probe costs
+    tens of nanoseconds."""
 
-    def counter(self, node_id: int) -> Callable[[], object]: ...
+    def counter(self, node_ids: tuple[int, ...]) -> Iterator[int]: ...
 
     def recorder(self, node_id: int) -> Callable[[float], object]: ...
 
@@ -107,8 +115,12 @@ class _Emitter:
     is_async: bool
     probes: Probes | None = None  # count LOCAL calls for Pipeline.stats()
     timed: bool = False  # and time them (`_clock`)
+    sampled: tuple[PythonCode, Callable[..., object], int] | None = None  # (the timed program, loaded, n): one call in n runs it
     lines: list[str] = field(default_factory=list)
     line_nodes: dict[int, int] = field(default_factory=dict)
+    unreturned: list[int] = field(default_factory=list)  # LOCAL calls of this straight run counted, not returned yet
+    unreturned_lines: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    first_counted_by_entry: bool = False  # the timed twin: the entry bumped its first run's counter
     globals: dict[str, object] = field(default_factory=dict)
     remote: set[int] = field(default_factory=set)
     fetched: set[int] = field(default_factory=set)  # remote values already fetched in scope
@@ -123,9 +135,46 @@ class _Emitter:
 
     def emit(self, indent: int, text: str, node_id: int | None = None) -> None:
         self.lines.append("    " * indent + text)
+        # +1: lines are 1-based; the def line is added before them.
+        line = len(self.lines) + 1
         if node_id is not None:
-            # +1: lines are 1-based; the def line is added before them.
-            self.line_nodes[len(self.lines) + 1] = node_id
+            self.line_nodes[line] = node_id
+        if self.unreturned:
+            self.unreturned_lines[line] = tuple(self.unreturned)
+
+    def local_calls(self, items: Block) -> tuple[int, ...]:
+        """The LOCAL calls a straight run of items makes (LOCAL groups run
+        inline), in order."""
+        found: list[int] = []
+        for item in items:
+            if isinstance(item, Call) and not self.launchers[self.graph.step(item.step).placement.mode].remote:
+                found.append(item.id)
+            elif isinstance(item, Fused) and not self.launchers[item.placement.mode].remote:
+                found.extend(self.local_calls(item.body))
+        return tuple(found)
+
+    def counter(self, ids: tuple[int, ...]) -> str | None:
+        """The global counting a call of each of `ids` per bump; None
+        without probes or calls."""
+        if self.probes is None or not ids:
+            return None
+        names = [self.graph.step(n.step).name for n in map(self.graph.node, ids) if isinstance(n, Call)]
+        label = names[0] if len(names) == 1 else f"{names[0]}_to_{names[-1]}"
+        return self.bind(("count", ids), f"count_{label}", self.probes.counter(ids))
+
+    def straight(self, indent: int, items: Block, counted: bool = False) -> None:
+        """A straight run of items (no branches): one counter bump for its
+        LOCAL calls first (unless `counted`: the caller bumped it)."""
+        ids = self.local_calls(items)
+        counter = self.counter(ids)
+        if counter is not None:
+            if not counted:
+                self.emit(indent, f"next({counter})")
+            self.unreturned = list(ids)
+        for item in items:
+            assert not isinstance(item, Branches), "a straight run ends at a branch"
+            self.node(indent, item)
+        self.unreturned = []
 
     def bind(self, key: Hashable, candidate: str, value: object) -> str:
         """A global holding `value`, named once per `key`."""
@@ -185,8 +234,7 @@ class _Emitter:
                     self.emit(indent, f"{timer} = _clock()")
                 self.emit(indent, f"{self.var(node.id)} = {launcher.expr(node, name, args, self.is_async)}", node.id)
                 if probes is not None:
-                    count = self.bind(("count", node.id), f"count_{step.name}", probes.counter(node.id))
-                    self.emit(indent, f"{count}()")
+                    self.unreturned.remove(node.id)  # past its line, it returned
                 if probes is not None and timer is not None:
                     record = self.bind(("record", node.id), f"record_{step.name}", probes.recorder(node.id))
                     self.emit(indent, f"{record}(_clock() - {timer})")
@@ -205,12 +253,17 @@ class _Emitter:
             case Switch():
                 raise AssertionError("switches are emitted from their Branches block")
 
-    def block(self, indent: int, items: Block) -> None:
-        for item in items:
-            if isinstance(item, Branches):
-                self.branches(indent, item)
-            else:
-                self.node(indent, item)
+    def block(self, indent: int, items: Block, first_counted: bool = False) -> None:
+        """Items, as straight runs between branches (`first_counted`: the
+        entry bumped the first run's counter already)."""
+        start = 0
+        for i, item in enumerate([*items, None]):
+            if item is None or isinstance(item, Branches):
+                if i > start:
+                    self.straight(indent, items[start:i], counted=first_counted and start == 0)
+                if isinstance(item, Branches):
+                    self.branches(indent, item)
+                start = i + 1
 
     def branches(self, indent: int, item: Branches) -> None:
         sw = item.switch
@@ -237,7 +290,17 @@ class _Emitter:
     def function(self, name: str, params: tuple[int, ...], items: Block, outputs: tuple[int, ...], multi: bool) -> PythonCode:
         entry = self.names.name(("entry",), name)
         param_names = [self.var(p) for p in params]  # allocated before the body's names
-        self.block(1, items)
+        first = self.counter(self.local_calls(_first_run(items)))
+        if self.sampled is not None:
+            _, timed, every = self.sampled
+            assert every > 0 and every & (every - 1) == 0, "a power of two: one AND picks the sampled calls"
+            # The first run's counter doubles as the tick; the timed twin
+            # then leaves that bump to this entry (`first_counted_by_entry`).
+            tick = first if first is not None else self.bind(("tick",), "_tick", itertools.count())
+            sampled = self.bind(("timed",), "_timed", timed)
+            self.emit(1, f"if not next({tick}) & {every - 1}:")
+            self.emit(2, f"return {'await ' if self.is_async else ''}{sampled}({', '.join(param_names)})")
+        self.block(1, items, first_counted=first is not None and (self.sampled is not None or self.first_counted_by_entry))
         remote_outs = list(dict.fromkeys(o for o in outputs if o in self.remote and o not in self.fetched))
         fetched = self.names.name(("fetched-outputs",), "fetched")
         if remote_outs:
@@ -251,7 +314,16 @@ class _Emitter:
         source = "\n".join([head, *self.lines]) + "\n"
         self.globals["_no_match"] = _no_match_factory(self.graph)
         filename = f"<pipeline_ir {self.graph.name} {entry} #{next(_counter)}>"
-        return PythonCode(source, self.globals, self.line_nodes, filename, entry)
+        inner = self.sampled[0] if self.sampled is not None else None
+        return PythonCode(source, self.globals, self.line_nodes, filename, entry, self.unreturned_lines, inner)
+
+
+def _first_run(items: Block) -> Block:
+    """The items before the first branch."""
+    for i, item in enumerate(items):
+        if isinstance(item, Branches):
+            return items[:i]
+    return items
 
 
 def _no_match_factory(graph: Graph) -> Callable[[int, object], StepError]:
@@ -277,11 +349,18 @@ def generate(
     is_async: bool = False,
     probes: Probes | None = None,
     timed: bool = False,
+    sampled: tuple[PythonCode, Callable[..., object], int] | None = None,
+    counted_by_entry: bool = False,
 ) -> PythonCode:
     """The program that runs one call of `graph`: `run(v0)` or `arun(v0)`.
     With `probes`, LOCAL calls are counted and, when `timed`, timed
-    through the `_clock` helper that `runtime` then provides."""
-    emitter = _Emitter(graph, launchers, constants, is_async, probes, timed)
+    through the `_clock` helper that `runtime` then provides. With
+    `sampled` (a timed program, the function it loaded as, n), one call
+    in n runs that program instead: Pipeline.stats()' latencies, at a
+    fraction of the cost of timing every call; that program is generated
+    with `counted_by_entry` (the entry bumps its first counter)."""
+    emitter = _Emitter(graph, launchers, constants, is_async, probes, timed, sampled)
+    emitter.first_counted_by_entry = counted_by_entry
     emitter.globals.update(runtime)
     items = schedule(graph.nodes, graph.outputs)
     return emitter.function("arun" if is_async else "run", (0,), items, graph.outputs, graph.multi_output)
@@ -303,12 +382,30 @@ def translate_error(exc: BaseException, code: PythonCode, graph: Graph) -> BaseE
     """
     if isinstance(exc, (StepError, PipelineTimeoutError)) or not isinstance(exc, Exception):
         return exc
-    node_id = None
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == code.filename:
-            node_id = code.line_nodes.get(tb.tb_lineno, node_id)
-        tb = tb.tb_next
+    found = _innermost(exc, code)
+    node_id = None if found is None else found[0].line_nodes.get(found[1])
     if node_id is None:
         return exc
     return StepError(node_label(graph, node_id), node_id, exc)
+
+
+def unreturned_at(exc: BaseException, code: PythonCode) -> tuple[int, ...]:
+    """The LOCAL calls counted as their straight run of `code` began that
+    never returned, `exc` having stopped the run first."""
+    found = _innermost(exc, code)
+    return () if found is None else found[0].unreturned.get(found[1], ())
+
+
+def _innermost(exc: BaseException, code: PythonCode) -> tuple[PythonCode, int] | None:
+    """The program (`code` or the timed one it hands calls to) and line
+    the exception passed through last: the line its frame was running
+    when it was raised or propagated."""
+    codes = {c.filename: c for c in (code, code.inner) if c is not None}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        program = codes.get(tb.tb_frame.f_code.co_filename)
+        if program is not None:
+            found = (program, tb.tb_lineno)
+        tb = tb.tb_next
+    return found

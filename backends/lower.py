@@ -7,13 +7,12 @@ generated sync and async entry points plus what must be closed at shutdown.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from pipeline_ir.backends import calls
-from pipeline_ir.backends.codegen import Launcher, PythonCode, generate, translate_error
+from pipeline_ir.backends.codegen import Launcher, PythonCode, generate, translate_error, unreturned_at
 from pipeline_ir.backends.local import LocalLauncher
 from pipeline_ir.backends.stats import PipelineStats
 from pipeline_ir.backends.stats import TIMED_EVERY
@@ -33,27 +32,24 @@ class Program:
     """A deployed graph: generated entry points and their resources."""
 
     graph: Graph
+    # The entry points; each hands one call in TIMED_EVERY to its timed
+    # twin (LOCAL steps timed), whose lines their PythonCode also knows.
     run: Callable[[object], object]
     arun: Callable[[object], Awaitable[object]]
-    # The same programs with LOCAL steps timed: one call in TIMED_EVERY.
-    run_timed: Callable[[object], object]
-    arun_timed: Callable[[object], Awaitable[object]]
     code: PythonCode
     async_code: PythonCode
-    timed_code: PythonCode
-    timed_async_code: PythonCode
     uses_ray: bool
     stats: PipelineStats
     closers: list[Callable[[], None]] = field(default_factory=list)
     launchers: dict[Mode, Launcher] = field(default_factory=dict)
     live: set[calls.CallState] = field(default_factory=set)  # Ray calls running now
-    _tick: Iterator[int] = field(default_factory=itertools.count)
 
-    def _fail(self, exc: BaseException, code: PythonCode, state: calls.CallState | None) -> BaseException:
+    def failure(self, exc: BaseException, code: PythonCode, state: calls.CallState | None) -> BaseException:
         """The user-facing error for `exc`, raised by the program of `code`;
         what the call left running is cancelled and the error counted."""
         if state is not None:
             state.cancel_unfinished()
+        self.stats.unreturned(unreturned_at(exc, code))
         error = translate_error(exc, code, self.graph)
         self.stats.failed(getattr(error, "node_id", None))
         return error
@@ -64,22 +60,19 @@ class Program:
 
         The deadline bounds the waits for remote work: LOCAL steps run in
         this thread and are never preempted, so a call of a LOCAL-only
-        pipeline takes no call state at all."""
-        if next(self._tick) % TIMED_EVERY:
-            run, code = self.run, self.code
-        else:
-            run, code = self.run_timed, self.timed_code
+        pipeline takes no call state at all (Pipeline.call runs `run`
+        itself then, one frame less)."""
         if not self.uses_ray:
             try:
-                return run(x)
+                return self.run(x)
             except Exception as e:
-                raise self._fail(e, code, None)  # noqa: B904 (a StepError carries its cause)
+                raise self.failure(e, self.code, None)  # noqa: B904 (a StepError carries its cause)
         state, token = calls.begin(timeout)
         self.live.add(state)
         try:
-            return run(x)
+            return self.run(x)
         except BaseException as e:
-            raise self._fail(e, code, state)  # noqa: B904
+            raise self.failure(e, self.code, state)  # noqa: B904
         finally:
             self.live.discard(state)
             calls.end(token)
@@ -87,15 +80,13 @@ class Program:
     async def acall(self, x: object, timeout: float | None = None) -> object:
         """`call` for asyncio. Cancelling the awaiting task (asyncio.wait_for,
         a client gone) cancels the call's remote work too."""
-        timed = next(self._tick) % TIMED_EVERY == 0
-        arun, code = (self.arun_timed, self.timed_async_code) if timed else (self.arun, self.async_code)
         state, token = calls.begin(timeout) if self.uses_ray else (None, None)
         if state is not None:
             self.live.add(state)
         try:
-            return await arun(x)
+            return await self.arun(x)
         except BaseException as e:
-            raise self._fail(e, code, state)  # noqa: B904
+            raise self.failure(e, self.async_code, state)  # noqa: B904
         finally:
             if state is not None and token is not None:
                 self.live.discard(state)
@@ -167,21 +158,20 @@ def lower(graph: Graph, bindings: Bindings, options: DeployOptions | None = None
 
             launchers["tasks"] = TaskLauncher(graph, bindings, colocation, stats)
         consts = bindings.constants
-        code = generate(graph, launchers, consts, runtime, probes=stats)
-        async_code = generate(graph, launchers, consts, runtime, is_async=True, probes=stats)
-        timed_code = generate(graph, launchers, consts, runtime, probes=stats, timed=True)
-        timed_async = generate(graph, launchers, consts, runtime, is_async=True, probes=stats, timed=True)
+        # The entry points hand one call in TIMED_EVERY to the timed programs.
+        timed_code = generate(graph, launchers, consts, runtime, probes=stats, timed=True, counted_by_entry=True)
+        timed_async = generate(graph, launchers, consts, runtime, is_async=True, probes=stats, timed=True, counted_by_entry=True)
+        run_timed = timed_code.load()
+        arun_timed = timed_async.load()
+        code = generate(graph, launchers, consts, runtime, probes=stats, sampled=(timed_code, run_timed, TIMED_EVERY))
+        async_code = generate(graph, launchers, consts, runtime, is_async=True, probes=stats, sampled=(timed_async, arun_timed, TIMED_EVERY))
         run = code.load()
         # The async source defines `async def arun`: calling it gives a coroutine.
         arun = cast(Callable[[object], Awaitable[object]], async_code.load())
-        run_timed = timed_code.load()
-        arun_timed = cast(Callable[[object], Awaitable[object]], timed_async.load())
     except BaseException:
         for close in closers:
             close()
         raise
     if uses_ray:
         export_stats(stats, graph.name)
-    return Program(
-        graph, run, arun, run_timed, arun_timed, code, async_code, timed_code, timed_async, uses_ray, stats, closers, launchers
-    )
+    return Program(graph, run, arun, code, async_code, uses_ray, stats, closers, launchers)

@@ -32,14 +32,14 @@ import itertools
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from pipeline_ir.ir.graph import Graph
 from pipeline_ir.ir.nodes import Call, Fused, node_inputs
 
 WINDOW = 4096
-TIMED_EVERY = 16
+TIMED_EVERY = 32
 FLUSH_S = 5.0
 
 clock = time.perf_counter
@@ -49,14 +49,18 @@ class UnitStats:
     """The counters of one unit. `calls` counts every call that ran, failed
     ones included (`errors` of them)."""
 
-    __slots__ = ("key", "ok", "local", "errors", "in_flight", "latencies", "batch_items", "batches", "exported")
+    __slots__ = ("key", "ok", "local", "local_fixed", "errors", "in_flight", "latencies", "batch_items", "batches", "exported")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.ok = 0  # remote calls that returned
-        # LOCAL calls that returned, bumped by generated code at C speed;
-        # read without bumping it through a copy (`local_count`).
-        self.local = itertools.count()
+        # LOCAL calls: counters that generated code bumps at C speed as a
+        # straight run of code calling this unit begins (listed once per
+        # call of the unit in the run), read without bumping them through
+        # a copy; less the calls a failure stopped before they returned
+        # (`unreturned`: a failed call counts as an error instead).
+        self.local: list[itertools.count[int]] = []
+        self.local_fixed = 0
         self.errors = 0
         self.in_flight = 0
         self.latencies: collections.deque[float] = collections.deque(maxlen=WINDOW)
@@ -66,7 +70,8 @@ class UnitStats:
 
     @property
     def calls(self) -> int:
-        return self.ok + next(copy.copy(self.local)) + self.errors
+        local = sum(next(copy.copy(counter)) for counter in self.local)
+        return self.ok + local + self.local_fixed + self.errors
 
     def snapshot(self) -> dict[str, float | int | None]:
         lat = sorted(self.latencies)
@@ -119,9 +124,19 @@ class PipelineStats:
 
     # -- hooks --
 
-    def counter(self, node_id: int) -> Callable[[], object]:
-        """Bumped by generated code each time LOCAL node `node_id` returns."""
-        return self.by_node[node_id].local.__next__
+    def counter(self, node_ids: tuple[int, ...]) -> Iterator[int]:
+        """Bumped by generated code as a straight run of code calling LOCAL
+        nodes `node_ids` begins: one bump counts a call of each."""
+        counter = itertools.count()
+        for node_id in node_ids:
+            self.by_node[node_id].local.append(counter)
+        return counter
+
+    def unreturned(self, node_ids: tuple[int, ...]) -> None:
+        """LOCAL nodes counted as their run of code began that never
+        returned: a failure stopped the run first (codegen.unreturned_at)."""
+        for node_id in node_ids:
+            self.by_node[node_id].local_fixed -= 1
 
     def recorder(self, node_id: int) -> Callable[[float], object]:
         """Takes a duration of LOCAL node `node_id` (timed calls only)."""

@@ -269,10 +269,12 @@ def test_async_errors_are_step_errors() -> None:
 
 def test_generated_code_is_straight_line() -> None:
     with pipeline.compile(double(add_one(pipeline.INPUT))).deploy() as p:
-        # One line a node, plus the C-level counter bump Pipeline.stats() reads.
+        # One line a node. The C-level counter Pipeline.stats() reads is
+        # bumped once for the whole straight run, and doubles as the tick
+        # that hands one call in 32 to the timed twin (LOCAL steps timed).
         assert p.code == (
-            "def run(v0):\n    v1 = add_one(v0)\n    count_add_one()\n    v2 = double(v1)\n    count_double()\n"
-            "    v3 = v2\n    return v3\n"
+            "def run(v0):\n    if not next(count_add_one_to_double) & 31:\n        return _timed(v0)\n"
+            "    v1 = add_one(v0)\n    v2 = double(v1)\n    v3 = v2\n    return v3\n"
         )
 
 

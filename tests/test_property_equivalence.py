@@ -23,6 +23,8 @@ deploys each, every pipeline shut down.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -57,47 +59,63 @@ from pipeline_ir.trace import trace
 
 # -- the steps: plain module-level functions and a class --
 
+# How many times each step target ran in this process, and how many times
+# `check` raised: what Pipeline.stats() must report for LOCAL steps.
+RAN: collections.Counter[object] = collections.Counter()
+RAISED: collections.Counter[object] = collections.Counter()
+
 
 def inc(x: int) -> int:
+    RAN[inc] += 1
     return x + 1
 
 
 def double(x: int) -> int:
+    RAN[double] += 1
     return 2 * x
 
 
 def neg(x: int) -> int:
+    RAN[neg] += 1
     return -x
 
 
 def check(x: int) -> int:
     """Fails for some inputs, so that equivalence covers errors too."""
+    RAN[check] += 1
     if x % 4 == 3:
+        RAISED[check] += 1
         raise ValueError(f"check: {x} % 4 == 3")
     return x
 
 
 def add(a: int, b: int) -> int:
+    RAN[add] += 1
     return a + b
 
 
 def sub(a: int, b: int) -> int:
+    RAN[sub] += 1
     return a - b
 
 
 def mod3(x: int) -> int:
+    RAN[mod3] += 1
     return x % 3
 
 
 def pair(x: int) -> tuple[int, int]:
+    RAN[pair] += 1
     return x, x + 3
 
 
 def to_array(x: int) -> np.ndarray:
+    RAN[to_array] += 1
     return np.array([x, x + 1, x + 2])
 
 
 def array_sum(a: np.ndarray) -> int:
+    RAN[array_sum] += 1
     return int(a.sum())
 
 
@@ -108,6 +126,7 @@ class Offset:
         self.k = k
 
     def __call__(self, x: int) -> int:
+        RAN[Offset] += 1
         return x + self.k
 
 
@@ -116,6 +135,7 @@ def make_shift(k: int) -> Callable[[int], int]:
     __qualname__ for different functions, as an ensemble built in a loop)."""
 
     def shift(x: int) -> int:
+        RAN[shift] += 1
         return x + k
 
     return shift
@@ -430,11 +450,27 @@ def _assert_actor_pools_whole(graph: Graph) -> None:
 
 
 def run_local(compiled: CompiledPipeline, graph: Graph, xs: Sequence[object]) -> list[Outcome]:
+    """The outcomes of `graph` on the local backend; its stats() must count
+    every step run and every failure as the steps themselves saw them
+    (calls go through `call` and `call_async` in turn, and the first call
+    through the timed program)."""
     local = force_backend(graph, backend="local").graph
     verify(local)
     program = CompiledPipeline(graph=local, source_graph=compiled.source_graph, bindings=compiled.bindings, records=())
+    RAN.clear()
+    RAISED.clear()
     with program.deploy() as p:
-        return [outcome(p.call, x) for x in xs]
+        results = [outcome(p.call if i % 2 == 0 else lambda v: asyncio.run(p.call_async(v)), x) for i, x in enumerate(xs)]
+        stats = p.stats()
+    calls: collections.Counter[object] = collections.Counter()
+    errors: collections.Counter[object] = collections.Counter()
+    for key, figures in stats.items():
+        target = compiled.bindings.steps[key].target
+        calls[target] += figures["calls"] or 0
+        errors[target] += figures["errors"] or 0
+    nonzero = lambda c: {k: v for k, v in c.items() if v}  # noqa: E731
+    assert nonzero(calls) == nonzero(RAN) and nonzero(errors) == nonzero(RAISED), f"stats {dict(calls)} errors {dict(errors)}; ran {dict(RAN)} raised {dict(RAISED)}\n{graph.dump()}"
+    return results
 
 
 INPUTS = st.lists(st.integers(-10, 10), min_size=1, max_size=4)
