@@ -190,8 +190,9 @@ def timeout_error(state: CallState, label_of: Callable[[int], str], fallback_nod
         node_id = left[0][1]
     step = label_of(node_id) if node_id is not None else None
     where = f"step {step!r} (node %{node_id}) was still running" if step is not None else "no step had finished"
+    after = f" after {state.timeout:g} s" if state.timeout is not None else ""
     return PipelineTimeoutError(
-        f"call timed out after {state.timeout:g} s: {where}; the rest of the call was cancelled",
+        f"call timed out{after}: {where}; the rest of the call was cancelled",
         step_name=step,
         node_id=node_id,
     )

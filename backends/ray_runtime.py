@@ -313,7 +313,12 @@ def runtime_globals(graph: Graph) -> dict[str, object]:
         """After a failed wait for `ref`: (the ref of the call sent again,
         None) when its idempotent step's replica died, else (None, the
         error to raise: the deadline's, or the StepError)."""
-        if isinstance(exc, (asyncio.TimeoutError, ray.exceptions.GetTimeoutError)):
+        # A wait is bounded only by the call's deadline (without one, none:
+        # `_get` waits on channels for good), so a TimeoutError is the
+        # deadline's only if there is one. Without, it is Ray's own (a
+        # compiled graph channel's RayChannelTimeoutError is a
+        # TimeoutError): the step's failure.
+        if isinstance(exc, TimeoutError) and state is not None and state.deadline is not None:
             return None, _expired(node_id)
         again = _retry(state, ref, exc, graph, node_id)
         if again is not None:
@@ -326,6 +331,8 @@ def runtime_globals(graph: Graph) -> dict[str, object]:
             if isinstance(ref, PendingRef):
                 return ref.get()  # the fast path (a call, or its retry): it reads and translates itself (fast_calls.py)
             timeout = None if state is None else state.remaining()
+            if timeout is None and isinstance(ref, CompiledDAGRef):
+                timeout = -1  # no deadline: wait for good, not Ray's RAY_CGRAPH_get_timeout (10 s)
             try:
                 return ray.get(ref, timeout=timeout)
             except ray.exceptions.RayError as e:

@@ -79,3 +79,28 @@ def test_a_dead_replica_behind_a_channel_is_replaced() -> None:
         assert second != first and p.call(4)[0] == 4  # type: ignore[index]
         assert ray.is_initialized()
     assert not alive(second)
+
+
+@pipeline.step(execution_mode="actors")
+def slow(x: float) -> float:
+    import time
+
+    time.sleep(x)
+    return x
+
+
+def test_a_channel_call_without_deadline_waits_past_rays_channel_timeout() -> None:
+    """A compiled graph gives up reading after RAY_CGRAPH_get_timeout (10 s)
+    unless told otherwise; a call without a deadline must not: no deadline
+    means none. With one, the deadline's PipelineTimeoutError names the step."""
+    from ray.dag import DAGContext
+
+    context = DAGContext.get_current()
+    default, context.get_timeout = context.get_timeout, 1  # read when the graph is compiled, at deploy
+    try:
+        with pipeline.compile(slow(pipeline.INPUT), channels=True).deploy() as p:
+            assert p.call(1.5) == 1.5
+            with pytest.raises(pipeline.PipelineTimeoutError, match=r"after 0.5 s: step 'slow' \(node %1\) was still running"):
+                p.call(1.5, timeout=0.5)
+    finally:
+        context.get_timeout = default
