@@ -158,9 +158,12 @@ class _Emitter:
         without probes or calls."""
         if self.probes is None or not ids:
             return None
+        key = ("count", ids)
+        if ("global", key) in self.names:  # the entry's first run, bound already as its tick
+            return self.names.name(("global", key), "")
         names = [self.graph.step(n.step).name for n in map(self.graph.node, ids) if isinstance(n, Call)]
         label = names[0] if len(names) == 1 else f"{names[0]}_to_{names[-1]}"
-        return self.bind(("count", ids), f"count_{label}", self.probes.counter(ids))
+        return self.bind(key, f"count_{label}", self.probes.counter(ids))
 
     def straight(self, indent: int, items: Block, counted: bool = False) -> None:
         """A straight run of items (no branches): one counter bump for its

@@ -426,6 +426,7 @@ class Pending:
         if self.settled:
             raise RuntimeError("this fast-path answer was already read")
         link, client, io = self.link, self.client, _FOREVER
+        shown = told if told is not None else timeout  # the timeout a CallTimeout names
         polled = self.polls and _spinner.acquire(blocking=False)
         if polled:
             spun_from = time.perf_counter()
@@ -454,7 +455,7 @@ class Pending:
             # Wait for the answer's first byte without reading: a timeout
             # then leaves the connection whole, the call still pending.
             if not _readable(link.sock, timeout):
-                raise CallTimeout(f"the replica (pid {client.address.pid}) did not answer within {told if told is not None else timeout:g} s; the call may still be running there")
+                raise CallTimeout(f"the replica (pid {client.address.pid}) did not answer within {shown:g} s; the call may still be running there")
             io = fr.Blocking(time.monotonic() + max(timeout, _REST_S))
         try:
             frame = link.recv_blocking(io)

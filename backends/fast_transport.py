@@ -9,8 +9,9 @@ decides when to use it and falls back to Ray actor calls when it cannot.
 
 - fast_server.py, the replica side: `FastServer`, a thread blocked in
   `accept` on a socket in a fresh 0700 directory (the socket itself
-  0600), and one thread per accepted connection blocked in `recvmsg`; no
-  spinning. Each call runs `handler(*args, **kwargs)` and sends back its
+  0600), and one thread per accepted connection blocked in `recvmsg`
+  (after polling up to SPIN_S for the next call, when the caller asked
+  for it; idle, nothing polls). Each call runs `handler(*args, **kwargs)` and sends back its
   result or its exception.
 - fast_client.py, the caller side: `FastClient`, a small pool of
   connections (one call in flight per connection), used from any number
