@@ -116,7 +116,7 @@ class FastClient:
         `Pending.wait` reads: calls sent one after another run at once
         when they go to different replicas (one connection each)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        pickled = fr.dumps((args, kwargs or {}))
+        pickled = fr.dumps((args, kwargs or {}))  # a thread waiting for a connection may hold it: threads are few
         link = self._take(deadline, timeout)
         io = _FOREVER if deadline is None else fr.Blocking(deadline)
         sent = time.perf_counter()  # the send counts: waking a server that blocked takes time here
@@ -210,16 +210,25 @@ class FastClient:
 
     async def asend(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *, timeout: float | None = None) -> Pending:
         """`send` for asyncio: waits for a free connection without blocking
-        the loop."""
-        pickled = fr.dumps((args, kwargs or {}))
+        the loop. The arguments are pickled once the call has a connection:
+        a flood of coroutines waiting for one holds no pickled copy of
+        their arguments (an argument that cannot be pickled fails then)."""
         try:
             async with asyncio.timeout(timeout):
-                return await self._asend(pickled, timeout)
+                return await self._asend((args, kwargs or {}), timeout)
         except TimeoutError as e:
             raise self._failure(e, timeout) from None
 
-    async def _asend(self, pickled: fr.Pickled, timeout: float | None) -> Pending:
+    async def _asend(self, call: tuple[tuple[Any, ...], dict[str, Any]], timeout: float | None) -> Pending:
         link = await self._take_async()
+        try:
+            pickled = fr.dumps(call)
+        except BaseException:
+            if link is None:
+                self._discard(None)  # the right to open one, unused
+            else:
+                self._give(link)
+            raise
         try:
             if link is None:
                 link = fr.Link(self._dial())

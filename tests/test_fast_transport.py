@@ -24,6 +24,7 @@ import pytest
 
 import pipeline_ir as pipeline
 from pipeline_ir.backends import ray_runtime
+from pipeline_ir.backends import fast_frames as fr
 from pipeline_ir.backends.fast_client import FastClient
 from pipeline_ir.backends.fast_server import FastServer
 from pipeline_ir.backends.fast_transport import (
@@ -282,6 +283,48 @@ def test_unpicklable_arguments_fail_in_the_caller(host: tuple[Any, Address, int]
     with pytest.raises(TypeError, match="pickle"):
         client.call((host[2], threading.Lock()))
     assert client.call((host[2], 10)) == 10
+
+    async def from_asyncio() -> list[object]:
+        # asend pickles once it holds a connection: the failure hands it
+        # back (or the right to open one), and the connections stay whole.
+        for _ in range(2 * client.max_connections):
+            with pytest.raises(TypeError, match="pickle"):
+                await client.call_async((host[2], threading.Lock()))
+        return list(await asyncio.gather(*(client.call_async((host[2], i)) for i in range(3 * client.max_connections))))
+
+    assert asyncio.run(from_asyncio()) == list(range(3 * client.max_connections))
+    assert client._open <= client.max_connections and client._open == len(client._idle)
+
+
+def test_calls_waiting_for_a_connection_hold_no_pickled_arguments(host: tuple[Any, Address, int], tmp_path: Path) -> None:
+    """A flood of call_async beyond the connections: the arguments of the
+    calls still waiting for one are not pickled yet (the driver's memory
+    under a flood, docs/benchmarks.md)."""
+    client = FastClient(host[1], max_connections=2)
+    node, pickled = host[2], []
+    real = fr.dumps
+
+    def counting(value: object) -> fr.Pickled:
+        pickled.append(value)
+        return real(value)
+
+    async def flood() -> list[object]:
+        marker = tmp_path / "busy"
+        first = asyncio.ensure_future(client.call_async((node, 0.5, "sleep", str(marker))))
+        second = asyncio.ensure_future(client.call_async((node, 0.5, "sleep", str(marker))))
+        rest = [asyncio.ensure_future(client.call_async((node, i))) for i in range(20)]
+        await asyncio.sleep(0.2)  # both connections busy: the 20 wait for one
+        waiting_pickled = len(pickled)
+        results = await asyncio.gather(first, second, *rest)
+        assert waiting_pickled == 2, waiting_pickled
+        return list(results[2:])
+
+    try:
+        fr.dumps = counting  # type: ignore[assignment]
+        assert asyncio.run(flood()) == list(range(20))
+    finally:
+        fr.dumps = real  # type: ignore[assignment]
+        client.close()
 
 
 def test_a_server_without_a_hook_reports_unpicklable_results_as_remote_failure() -> None:
