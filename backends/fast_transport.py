@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -136,8 +138,69 @@ def remove_files(path: str) -> None:
 
 def socket_directory() -> str:
     """A fresh directory only this user can open (mkdtemp makes it 0700,
-    failing rather than reusing an existing one)."""
+    failing rather than reusing an existing one), named after this
+    process; the directories of dead servers are swept first."""
+    base = _base()
+    with contextlib.suppress(OSError):
+        sweep(base)
+    return tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=base)
+
+
+def _base() -> str:
     base = tempfile.gettempdir()
-    if len(base) > 80:  # a socket path is at most 107 bytes
-        base = "/tmp"
-    return tempfile.mkdtemp(prefix=_PREFIX, dir=base)
+    return "/tmp" if len(base) > 80 else base  # a socket path is at most 107 bytes
+
+
+_SERVER_DIR = re.compile(re.escape(_PREFIX) + r"(\d+)-[^/]+")
+_ACCEPTING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's flags: a listening socket
+
+
+def sweep(base: str | None = None) -> list[str]:
+    """Remove the socket directories of this user's servers that are gone:
+    a replica killed by SIGKILL (ray.kill, a lost driver's actors) cannot
+    remove its own, and the pool removes only those it killed. A directory
+    goes when the pid in its name runs no process and no socket listens at
+    its path (both, so that a reused pid or a server of another namespace
+    is left alone). Returns the directories removed."""
+    base = base if base is not None else _base()
+    listening = _listening_paths()
+    removed = []
+    for name in os.listdir(base):
+        match = _SERVER_DIR.fullmatch(name)
+        if match is None:
+            continue
+        directory = os.path.join(base, name)
+        try:
+            info = os.lstat(directory)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            continue
+        path = os.path.join(directory, "s")
+        if _running(int(match.group(1))) or path in listening:
+            continue
+        remove_files(path)
+        removed.append(directory)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: running
+    return True
+
+
+def _listening_paths() -> set[str]:
+    """The paths of the Unix sockets listening in this network namespace."""
+    paths = set()
+    with open("/proc/net/unix") as table:
+        next(table, None)
+        for line in table:
+            fields = line.split()
+            if len(fields) >= 8 and int(fields[3], 16) & _ACCEPTING:
+                paths.add(fields[7])
+    return paths

@@ -145,7 +145,7 @@ class Pool:
             "max_concurrency": call_concurrency(unit),
             "allow_out_of_order_execution": True,
         }
-        handle = RemoteReplica.options(**options).remote(unit, os.getpid() if self.fast_path else None)
+        handle = RemoteReplica.options(**options).remote(unit, (os.getpid(), self._here) if self.fast_path else None)
         up = handle.where.remote()  # on the control thread: answers before the unit is built
         slot = Slot(index, handle, handle.ready.remote(), up)
         # The future keeps the ref alive until Ray runs the callback.

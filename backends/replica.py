@@ -17,9 +17,12 @@ concurrency groups keep the control path apart from the work:
   never mistaken for a hung one, and a stopped process (SIGSTOP) or a lost
   node is (health.py).
 
-With a caller pid, a replica also serves its calls over the same-node fast
-path (fast_transport.py): once built, `ready()` starts a `FastServer`
-that admits only that process, and returns its address with the rest.
+With a caller (its pid and Ray node), a replica on the caller's node also
+serves its calls over the same-node fast path (fast_transport.py): once
+built, `ready()` starts a `FastServer` that admits only that process, and
+returns its address with the rest. A replica on another node starts none:
+the caller could not reach it, and a replica killed there (SIGKILL: no
+cleanup of its own) would leave its socket's files behind.
 Those calls run on the server's connection threads, one at a time with
 the actor's own (the same lock), or into the batcher.
 
@@ -37,7 +40,7 @@ import ray
 
 from pipeline_ir.backends.batching import Batcher
 from pipeline_ir.backends.fast_server import FastServer
-from pipeline_ir.backends.fast_transport import Address, supported
+from pipeline_ir.backends.fast_transport import Address, supported, this_node
 from pipeline_ir.backends.serialization import ensure_registered
 from pipeline_ir.backends.worker import Unit, shippable
 from pipeline_ir.errors import StepError
@@ -48,9 +51,9 @@ CONTROL = "control"
 class Replica:
     """One actor of a pool: hosts a unit and runs its calls."""
 
-    def __init__(self, unit: Unit, caller_pid: int | None = None) -> None:
+    def __init__(self, unit: Unit, caller: tuple[int, str] | None = None) -> None:
         self.unit = unit
-        self.caller_pid = caller_pid  # the process whose calls the fast path serves
+        self.caller = caller  # (pid, node) of the process whose calls the fast path serves
         self.server: FastServer | None = None
         self.error: StepError | None = None
         self.batcher: Batcher | None = None
@@ -93,11 +96,14 @@ class Replica:
         return (*_where(), self._serve_fast())
 
     def _serve_fast(self) -> Address | None:
-        if self.caller_pid is None or not supported():
+        if self.caller is None or not supported():
+            return None
+        pid, node = self.caller
+        if node != this_node():
             return None
         with self._building:
             if self.server is None:
-                server = FastServer(self.call, [self.caller_pid], on_unsendable=self._unsendable)
+                server = FastServer(self.call, [pid], on_unsendable=self._unsendable)
                 server.start()
                 self.server = server
             return self.server.address

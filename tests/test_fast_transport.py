@@ -9,6 +9,7 @@ process; the actor is killed at the end of the module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -35,7 +36,9 @@ from pipeline_ir.backends.fast_transport import (
     Unreachable,
     same_node,
     supported,
+    this_node,
 )
+from pipeline_ir.backends.replica import Replica
 from pipeline_ir.backends.worker import Unit, shippable
 from pipeline_ir.errors import StepError
 from pipeline_ir.ir.nodes import Call
@@ -371,6 +374,60 @@ def test_callers_on_many_threads(host: tuple[Any, Address, int]) -> None:
         assert client._open <= 4
     finally:
         client.close()
+
+
+# -- files left by killed servers --
+
+_SERVE_UNTIL_KILLED = """
+import sys, time
+from pipeline_ir.backends.fast_server import FastServer
+server = FastServer(lambda x: x, [1])
+print(server.start().path, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_files_of_a_killed_server_are_swept_by_the_next_one() -> None:
+    """SIGKILL (ray.kill, a driver's actors ended with it) leaves a server's
+    socket and directory behind; the next server started on the machine
+    removes them, and leaves a live server's alone."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", _SERVE_UNTIL_KILLED], stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    try:
+        paths = [p.stdout.readline().strip() for p in procs if p.stdout is not None]
+        assert all(os.path.exists(path) for path in paths), paths
+        procs[0].kill()
+        procs[0].wait(10)
+        assert os.path.exists(paths[0])  # nobody removed it
+        server = FastServer(lambda x: x, [os.getpid()])
+        server.start()
+        server.close()
+        assert not os.path.exists(os.path.dirname(paths[0]))  # swept
+        assert os.path.exists(paths[1])  # alive: kept
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
+        for path in paths:
+            with contextlib.suppress(ValueError):
+                FastClient(Address(path, 0, "")).close(remove_server_files=True)
+
+
+def test_a_replica_on_another_node_than_its_caller_starts_no_server() -> None:
+    """The caller could not reach it, and its files would outlive a kill
+    on a node the caller cannot clean."""
+    compiled = pipeline.compile(work(pipeline.INPUT), backend="actors", optimize=False)
+    node = next(n for n in compiled.graph.nodes if isinstance(n, Call))
+    unit = Unit.of(compiled.graph, node, compiled.bindings)
+    elsewhere = Replica(unit, (os.getpid(), "another-node"))
+    assert elsewhere._serve_fast() is None and elsewhere.server is None
+    here = Replica(unit, (os.getpid(), this_node()))
+    address = here._serve_fast()
+    try:
+        assert address is not None and os.path.exists(address.path)
+    finally:
+        assert here.server is not None
+        here.server.close()
 
 
 # -- security --
