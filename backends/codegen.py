@@ -153,26 +153,26 @@ class _Emitter:
                 found.extend(self.local_calls(item.body))
         return tuple(found)
 
-    def counter(self, ids: tuple[int, ...]) -> str | None:
-        """The global counting a call of each of `ids` per bump; None
-        without probes or calls."""
-        if self.probes is None or not ids:
-            return None
-        key = ("count", ids)
-        if ("global", key) in self.names:  # the entry's first run, bound already as its tick
-            return self.names.name(("global", key), "")
+    def counted_calls(self, items: Block) -> tuple[int, ...]:
+        """The LOCAL calls of a straight run that a counter counts: none
+        without probes."""
+        return self.local_calls(items) if self.probes is not None else ()
+
+    def counter(self, ids: tuple[int, ...]) -> str:
+        """The global counting a call of each of `ids` (LOCAL calls of one
+        straight run; there are probes) per bump."""
+        assert self.probes is not None and ids
         names = [self.graph.step(n.step).name for n in map(self.graph.node, ids) if isinstance(n, Call)]
         label = names[0] if len(names) == 1 else f"{names[0]}_to_{names[-1]}"
-        return self.bind(key, f"count_{label}", self.probes.counter(ids))
+        return self.bind(("count", ids), f"count_{label}", self.probes.counter(ids))
 
     def straight(self, indent: int, items: Block, counted: bool = False) -> None:
         """A straight run of items (no branches): one counter bump for its
-        LOCAL calls first (unless `counted`: the caller bumped it)."""
-        ids = self.local_calls(items)
-        counter = self.counter(ids)
-        if counter is not None:
+        LOCAL calls first (unless `counted`: the entry bumped it)."""
+        ids = self.counted_calls(items)
+        if ids:
             if not counted:
-                self.emit(indent, f"next({counter})")
+                self.emit(indent, f"next({self.counter(ids)})")
             self.unreturned = list(ids)
         for item in items:
             assert not isinstance(item, Branches), "a straight run ends at a branch"
@@ -293,17 +293,17 @@ class _Emitter:
     def function(self, name: str, params: tuple[int, ...], items: Block, outputs: tuple[int, ...], multi: bool) -> PythonCode:
         entry = self.names.name(("entry",), name)
         param_names = [self.var(p) for p in params]  # allocated before the body's names
-        first = self.counter(self.local_calls(_first_run(items)))
+        first = self.counted_calls(_first_run(items))
         if self.sampled is not None:
             _, timed, every = self.sampled
             assert every > 0 and every & (every - 1) == 0, "a power of two: one AND picks the sampled calls"
             # The first run's counter doubles as the tick; the timed twin
             # then leaves that bump to this entry (`first_counted_by_entry`).
-            tick = first if first is not None else self.bind(("tick",), "_tick", itertools.count())
+            tick = self.counter(first) if first else self.bind(("tick",), "_tick", itertools.count())
             sampled = self.bind(("timed",), "_timed", timed)
             self.emit(1, f"if not next({tick}) & {every - 1}:")
             self.emit(2, f"return {'await ' if self.is_async else ''}{sampled}({', '.join(param_names)})")
-        self.block(1, items, first_counted=first is not None and (self.sampled is not None or self.first_counted_by_entry))
+        self.block(1, items, first_counted=bool(first) and (self.sampled is not None or self.first_counted_by_entry))
         remote_outs = list(dict.fromkeys(o for o in outputs if o in self.remote and o not in self.fetched))
         fetched = self.names.name(("fetched-outputs",), "fetched")
         if remote_outs:
@@ -362,8 +362,7 @@ def generate(
     in n runs that program instead: Pipeline.stats()' latencies, at a
     fraction of the cost of timing every call; that program is generated
     with `counted_by_entry` (the entry bumps its first counter)."""
-    emitter = _Emitter(graph, launchers, constants, is_async, probes, timed, sampled)
-    emitter.first_counted_by_entry = counted_by_entry
+    emitter = _Emitter(graph, launchers, constants, is_async, probes, timed, sampled, first_counted_by_entry=counted_by_entry)
     emitter.globals.update(runtime)
     items = schedule(graph.nodes, graph.outputs)
     return emitter.function("arun" if is_async else "run", (0,), items, graph.outputs, graph.multi_output)

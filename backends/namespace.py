@@ -40,10 +40,6 @@ class Namespace:
         self._taken.add(name)
         return name
 
-    def __contains__(self, key: Hashable) -> bool:
-        """Whether `key` has a name already."""
-        return key in self._names
-
     def name(self, key: Hashable, candidate: str) -> str:
         """The identifier of `key`: allocated from `candidate` on first
         request, the same string on every later one."""
