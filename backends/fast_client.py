@@ -23,6 +23,8 @@ from pipeline_ir.backends.fast_transport import (
     CONNECT_TIMEOUT_S,
     HELLO,
     MAX_CONNECTIONS,
+    PROBE_EVERY,
+    QUIET_AFTER,
     REFUSED,
     SPIN_S,
     THRESHOLD,
@@ -36,11 +38,6 @@ from pipeline_ir.backends.fast_transport import (
 # Once an answer's first byte is in, how long the rest may take (a large
 # frame comes in pieces): past it the connection is dropped.
 _REST_S = 10.0
-# A client stops spinning (SPIN_S) once this many answers in a row came
-# after the spin, and tries again one wait in _PROBE_EVERY: a replica whose
-# calls take milliseconds costs no spinning.
-_QUIET_AFTER = 4
-_PROBE_EVERY = 32
 # Whether polling pays is measured, not assumed: two calls in _TRY_OTHER
 # take the way (poll or block) that is behind, and each way keeps its last
 # _SAMPLES round trips, taken from calls that went the same way as the
@@ -160,17 +157,17 @@ class FastClient:
 
     def _polling(self) -> bool:
         """Whether polling is the way that pays now."""
-        return self.poll_pays and self.late < _QUIET_AFTER and bool(self.spin_s)
+        return self.poll_pays and self.late < QUIET_AFTER and bool(self.spin_s)
 
     def _polls(self) -> bool:
         """Whether the thread sending a call polls for its answer: the way
-        that pays, except two calls in _TRY_OTHER (and one in _PROBE_EVERY
+        that pays, except two calls in _TRY_OTHER (and one in PROBE_EVERY
         once the answers came late), which measure the other."""
         if not self.spin_s:
             return False
         self._calls += 1
-        if self.late >= _QUIET_AFTER:
-            return self._calls % _PROBE_EVERY == 0
+        if self.late >= QUIET_AFTER:
+            return self._calls % PROBE_EVERY == 0
         return self._polling() != (self._calls % _TRY_OTHER < 2)
 
     def _measured(self, polled: bool, seconds: float) -> None:

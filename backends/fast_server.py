@@ -15,16 +15,14 @@ from typing import Any
 
 from pipeline_ir.backends import fast_frames as fr
 from pipeline_ir.backends.fast_frames import ProtocolError
-from pipeline_ir.backends.fast_transport import HELLO, REFUSED, SPIN_S, THRESHOLD, Address, RemoteFailure, remove_files, socket_directory, this_node
+from pipeline_ir.backends.fast_transport import HELLO, PROBE_EVERY, QUIET_AFTER, REFUSED, SPIN_S, THRESHOLD, Address, RemoteFailure, remove_files, socket_directory, this_node
 
 
 # A connection polls for the next call when the caller asked it to (its
 # last call carried POLL: the caller measures whether polling pays, see
 # fast_client.py) and, as the client does, stops while the next call keeps
-# coming after the poll, trying again now and then; one connection thread
+# coming after the poll (QUIET_AFTER, PROBE_EVERY); one connection thread
 # of the replica polls at a time.
-_QUIET_AFTER = 4
-_PROBE_EVERY = 32
 
 
 def _not_sent(args: tuple[Any, ...], error: Exception) -> BaseException:
@@ -127,7 +125,7 @@ class FastServer:
                 # calling in a loop sends it within microseconds.
                 frame = None
                 waits += 1
-                if polls and (late < _QUIET_AFTER or not waits % _PROBE_EVERY) and self._spinner.acquire(blocking=False):
+                if polls and (late < QUIET_AFTER or not waits % PROBE_EVERY) and self._spinner.acquire(blocking=False):
                     try:
                         frame = link.recv_spinning(time.perf_counter() + self.spin_s, io)
                     finally:

@@ -56,6 +56,7 @@ import tempfile
 from dataclasses import dataclass
 
 from pipeline_ir.backends.fast_frames import PeerGone, ProtocolError, TransportError
+from pipeline_ir.backends.processes import alive
 
 __all__ = [
     "Address", "CallTimeout", "PeerGone", "ProtocolError", "RemoteFailure",
@@ -74,6 +75,12 @@ CONNECT_TIMEOUT_S = 10.0
 # (docs/design.md, "Spin, then block"). Only one thread of a process spins
 # at a time, and a client whose answers keep coming later stops spinning.
 SPIN_S = 100e-6
+# A side (client or server connection) whose peer came later than the poll
+# this many times in a row stops polling, and tries again one wait in
+# PROBE_EVERY: a replica whose calls take milliseconds, or a caller calling
+# now and then, costs no polling.
+QUIET_AFTER = 4
+PROBE_EVERY = 32
 HELLO = b"PIRFAST1"  # the server's greeting once a peer is admitted...
 REFUSED = b"PIRFNO!!"  # ...or its only words to a refused one
 _PREFIX = "pipeline_ir-"
@@ -177,21 +184,11 @@ def sweep(base: str | None = None) -> list[str]:
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
             continue
         path = os.path.join(directory, "s")
-        if _running(int(match.group(1))) or path in listening:
+        if alive(int(match.group(1))) or path in listening:
             continue
         remove_files(path)
         removed.append(directory)
     return removed
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # another user's process: running
-    return True
 
 
 def _listening_paths() -> set[str]:

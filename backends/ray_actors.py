@@ -26,7 +26,6 @@ when it has none (ray_runtime.Colocation).
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Mapping
 
@@ -35,6 +34,7 @@ import ray
 from pipeline_ir.backends import ray_runtime
 from pipeline_ir.backends.health import HealthMonitor
 from pipeline_ir.backends.pool import Pool
+from pipeline_ir.backends.processes import alive
 from pipeline_ir.backends.replica_wait import not_ready
 from pipeline_ir.backends.ray_runtime import Colocation, resource_options, submit_expr
 from pipeline_ir.backends.stats import PipelineStats
@@ -51,21 +51,8 @@ _EXIT_WAIT_S = 5.0
 def _wait_exit(pids: list[int]) -> None:
     deadline = time.monotonic() + _EXIT_WAIT_S
     for pid in pids:
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.005)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie, exited but not yet reaped by
-    its parent, counts as gone)."""
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (ProcessLookupError, FileNotFoundError):
-        return False
-    except (PermissionError, OSError):
-        return True
 
 
 def _wait_up(pool: Pool, deadline: float) -> None:
