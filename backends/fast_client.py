@@ -76,6 +76,7 @@ class FastClient:
         self.threshold = threshold
         self.connect_timeout = connect_timeout
         self.spin_s = spin_s
+        self.gpus = frozenset(address.gpus)  # CUDA tensors on these go by CUDA IPC (cuda_ipc.py)
         # No lock for these: a race between threads only shifts a choice.
         self.late = 0  # answers in a row that came after the spin
         # Round trips (s) of calls that polled, and of calls that blocked.
@@ -113,8 +114,12 @@ class FastClient:
         `Pending.wait` reads: calls sent one after another run at once
         when they go to different replicas (one connection each)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        pickled = fr.dumps((args, kwargs or {}))  # a thread waiting for a connection may hold it: threads are few
-        link = self._take(deadline, timeout)
+        pickled = fr.dumps((args, kwargs or {}), self.gpus)  # a thread waiting for a connection may hold it: threads are few
+        try:
+            link = self._take(deadline, timeout)
+        except BaseException:
+            pickled.unsent()
+            raise
         io = _FOREVER if deadline is None else fr.Blocking(deadline)
         sent = time.perf_counter()  # the send counts: waking a server that blocked takes time here
         polls = self._polls()
@@ -123,6 +128,7 @@ class FastClient:
             link.send_blocking(link.frame(fr.CALL | fr.POLL if polls else fr.CALL, pickled, self.threshold), io)
         except BaseException as e:
             self._discard(link)  # where the exchange stopped is unknown
+            pickled.unsent()
             raise self._failure(e, timeout) from None
         return Pending(self, link, polls, steady, sent)
 
@@ -219,7 +225,7 @@ class FastClient:
     async def _asend(self, call: tuple[tuple[Any, ...], dict[str, Any]], timeout: float | None) -> Pending:
         link = await self._take_async()
         try:
-            pickled = fr.dumps(call)
+            pickled = fr.dumps(call, self.gpus)
         except BaseException:
             if link is None:
                 self._discard(None)  # the right to open one, unused
@@ -239,6 +245,7 @@ class FastClient:
             return Pending(self, link, False, False, 0.0)
         except BaseException as e:
             self._discard(link)
+            pickled.unsent()
             if isinstance(e, asyncio.CancelledError):
                 raise  # asyncio.timeout() turns it into its TimeoutError
             raise self._failure(e, timeout) from None

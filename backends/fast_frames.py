@@ -39,6 +39,7 @@ from collections.abc import Coroutine, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from pipeline_ir.backends import cuda_ipc
 from pipeline_ir.backends.fast_segments import DROP, Inbox, Outbox
 
 T = TypeVar("T")
@@ -130,15 +131,39 @@ _encoder = _Encoder()
 
 @dataclass
 class Pickled:
-    """A value pickled: the body, and the buffers it left out of band."""
+    """A value pickled: the body, the buffers it left out of band, and the
+    CUDA IPC exports it holds (to give back if it is never sent)."""
 
     body: bytes
     buffers: list[pickle.PickleBuffer]
+    exports: tuple[cuda_ipc.Export, ...] = ()
+
+    def unsent(self) -> None:
+        """This value will not be sent: give back its CUDA IPC exports."""
+        if self.exports:
+            cuda_ipc.release(self.exports)
 
 
-def dumps(value: object) -> Pickled:
-    """Pickle `value` as the fast path does (see the module docstring)."""
-    return Pickled(*_encoder.dumps(value))
+_NO_GPUS: frozenset[str] = frozenset()
+
+
+def dumps(value: object, gpus: frozenset[str] = _NO_GPUS) -> Pickled:
+    """Pickle `value` as the fast path does (see the module docstring);
+    `gpus`: the receiver's GPUs, to which CUDA tensors go by CUDA IPC."""
+    if not gpus:
+        return Pickled(*_encoder.dumps(value))
+    state = cuda_ipc.sending
+    outer = state.peer, state.exports  # put back after: a dumps nested in a __reduce__ keeps the outer one's
+    exports: list[cuda_ipc.Export] = []
+    state.peer, state.exports = gpus, exports
+    try:
+        body, buffers = _encoder.dumps(value)
+    except BaseException:
+        cuda_ipc.release(exports)
+        raise
+    finally:
+        state.peer, state.exports = outer
+    return Pickled(body, buffers, tuple(exports))
 
 
 @dataclass

@@ -46,8 +46,15 @@ class FastServer:
         threshold: int = THRESHOLD,
         on_unsendable: Callable[[tuple[Any, ...], Exception], BaseException] = _not_sent,
         spin_s: float = SPIN_S,
+        gpus: Iterable[str] = (),
+        caller_gpus: Iterable[str] = (),
     ) -> None:
         self.handler = handler
+        # CUDA IPC (cuda_ipc.py): the GPUs this process opens handles on
+        # (told to callers in the address), and those its callers see (a
+        # result's CUDA tensors on one of them are exported, not copied).
+        self.gpus = tuple(gpus)
+        self.caller_gpus = frozenset(caller_gpus)
         self.threshold = threshold
         self.spin_s = spin_s
         self._spinner = threading.Lock()
@@ -74,7 +81,7 @@ class FastServer:
             remove_files(path)
             raise
         self._listener = listener
-        self.address = Address(path, os.getpid(), this_node())
+        self.address = Address(path, os.getpid(), this_node(), self.gpus)
         threading.Thread(target=self._accept, args=(listener,), name="pipeline_ir-fast-accept", daemon=True).start()
         return self.address
 
@@ -138,7 +145,11 @@ class FastServer:
                 # The arguments are gone with the frame: their segments are
                 # released now, and the notices ride on this very reply.
                 del frame
-                link.send_blocking(self._frame(link, kind, pickled), io)
+                try:
+                    link.send_blocking(self._frame(link, kind, pickled), io)
+                except BaseException:
+                    pickled.unsent()  # its CUDA exports reach nobody
+                    raise
         except ProtocolError as e:
             print(f"pipeline_ir fast path: dropped a connection: {e}", file=sys.stderr)
         except OSError:
@@ -164,7 +175,7 @@ class FastServer:
 
     def _pickled(self, kind: int, value: object, args: tuple[Any, ...]) -> tuple[int, fr.Pickled]:
         try:
-            return kind, fr.dumps(value)
+            return kind, fr.dumps(value, self.caller_gpus)
         except Exception as e:
             if kind == fr.OK:
                 substitute = self.on_unsendable(args, e)
@@ -180,6 +191,7 @@ class FastServer:
         try:
             return link.frame(kind, pickled, self.threshold)
         except OSError as e:  # no memory for a segment, say: the call failed, not the connection
+            pickled.unsent()
             return link.frame(fr.ERR, fr.dumps(RemoteFailure(f"the result could not be sent: {fr.describe(e)}")), self.threshold)
 
     def close(self) -> None:

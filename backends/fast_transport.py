@@ -123,6 +123,7 @@ class Address:
     path: str
     pid: int  # the server's process
     node: str  # this_node() where it runs
+    gpus: tuple[str, ...] = ()  # GPUs (UUIDs) it opens CUDA IPC handles on: cuda_ipc.py
 
 
 def same_node(address: Address) -> bool:

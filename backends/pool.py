@@ -45,7 +45,7 @@ from typing import Any
 
 import ray
 
-from pipeline_ir.backends import calls, fast_calls, fast_transport, ray_runtime
+from pipeline_ir.backends import calls, cuda_ipc, fast_calls, fast_transport, ray_runtime
 from pipeline_ir.backends.fast_calls import FastRef, has_pending
 from pipeline_ir.backends.fast_client import FastClient, Pending
 from pipeline_ir.backends.fast_transport import CallTimeout, PeerGone, Unreachable
@@ -112,6 +112,10 @@ class Pool:
         # Channel units take the compiled graph's channel instead.
         self.fast_path = self.policy.fast_path and not channel and fast_transport.supported()
         self._here = fast_transport.this_node() if self.fast_path else ""
+        # CUDA IPC (cuda_ipc.py) to and from replicas that Ray gives GPUs:
+        # this process's GPUs, which such a replica may export results to.
+        gpu_unit = float(options.get("num_gpus") or 0) > 0  # type: ignore[arg-type]
+        self._gpus = cuda_ipc.visible_gpus(load=True) if self.fast_path and self.policy.cuda_ipc and gpu_unit else ()
         # How FastRefs handed back by a retry are read (ray_runtime's _get/_aget).
         self.fetch: Callable[[Any, int], object] = _no_fetch
         self.afetch: Callable[[Any, int], Any] = _no_fetch
@@ -145,7 +149,8 @@ class Pool:
             "max_concurrency": call_concurrency(unit),
             "allow_out_of_order_execution": True,
         }
-        handle = RemoteReplica.options(**options).remote(unit, (os.getpid(), self._here) if self.fast_path else None)
+        caller = (os.getpid(), self._here, self._gpus) if self.fast_path else None
+        handle = RemoteReplica.options(**options).remote(unit, caller)
         up = handle.where.remote()  # on the control thread: answers before the unit is built
         slot = Slot(index, handle, handle.ready.remote(), up)
         # The future keeps the ref alive until Ray runs the callback.

@@ -38,6 +38,7 @@ from typing import Any
 
 import ray
 
+from pipeline_ir.backends import cuda_ipc
 from pipeline_ir.backends.batching import Batcher
 from pipeline_ir.backends.fast_server import FastServer
 from pipeline_ir.backends.fast_transport import Address, supported, this_node
@@ -51,9 +52,11 @@ CONTROL = "control"
 class Replica:
     """One actor of a pool: hosts a unit and runs its calls."""
 
-    def __init__(self, unit: Unit, caller: tuple[int, str] | None = None) -> None:
+    def __init__(self, unit: Unit, caller: tuple[int, str, tuple[str, ...]] | None = None) -> None:
         self.unit = unit
-        self.caller = caller  # (pid, node) of the process whose calls the fast path serves
+        # (pid, node, GPUs) of the process whose calls the fast path serves;
+        # its GPUs (UUIDs) are set when it asked for CUDA IPC (cuda_ipc.py).
+        self.caller = caller
         self.server: FastServer | None = None
         self.error: StepError | None = None
         self.batcher: Batcher | None = None
@@ -98,12 +101,14 @@ class Replica:
     def _serve_fast(self) -> Address | None:
         if self.caller is None or not supported():
             return None
-        pid, node = self.caller
+        pid, node, caller_gpus = self.caller
         if node != this_node():
             return None
         with self._building:
             if self.server is None:
-                server = FastServer(self.call, [pid], on_unsendable=self._unsendable)
+                # Only a replica Ray gave GPUs looks for them (importing torch).
+                gpus = cuda_ipc.visible_gpus(load=True) if caller_gpus and ray.get_gpu_ids() else ()
+                server = FastServer(self.call, [pid], on_unsendable=self._unsendable, gpus=gpus, caller_gpus=caller_gpus)
                 server.start()
                 self.server = server
             return self.server.address

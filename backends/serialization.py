@@ -17,7 +17,8 @@ non-contiguous tensors are copied once on the sending side, never twice.
 Tensors this path cannot represent exactly (CUDA or other devices,
 sparse, quantized, conjugate or negative views, named, with Python
 attributes, or with autograd history) keep torch's own pickling, i.e.
-Ray's default behaviour.
+Ray's default behaviour; on the fast path, with `cuda_ipc`, a CUDA tensor
+may travel as a CUDA IPC export instead (cuda_ipc.py).
 
 Registration is per process (Ray's serializer table is a class attribute
 of its pickler), so the driver registers at deploy and every worker that
@@ -37,6 +38,8 @@ import sys
 import threading
 import warnings
 from typing import TYPE_CHECKING, Any
+
+from pipeline_ir.backends import cuda_ipc
 
 if TYPE_CHECKING:
     import numpy as np
@@ -90,6 +93,7 @@ def unregister() -> None:
 # Payload kinds: a tuple's first item says how to rebuild the tensor.
 _BYTES = 0  # (kind, uint8 array, dtype, shape, inverse permutation or None, requires_grad)
 _TORCH = 1  # (kind, rebuild function, its args): torch's own pickling
+_CUDA_IPC = 2  # (kind, GPU UUID, rebuild function, its args): exported by CUDA IPC (cuda_ipc.py)
 
 
 def _dense_permutation(t: torch.Tensor) -> tuple[int, ...] | None:
@@ -115,6 +119,10 @@ def _zero_copy_ok(t: torch.Tensor) -> bool:
 
 def serialize_tensor(t: torch.Tensor) -> tuple[object, ...]:
     """The payload Ray pickles for `t`; its uint8 array travels out of band."""
+    if cuda_ipc.sending.peer:  # only the fast path's pickling sets a peer (fast_frames.dumps)
+        shared = cuda_ipc.share(t)
+        if shared is not None:
+            return (_CUDA_IPC, *shared)
     if not _zero_copy_ok(t):
         # torch.Tensor.__reduce_ex__ always gives (function, args).
         reduce_ex: Any = t.__reduce_ex__
@@ -138,6 +146,9 @@ def deserialize_tensor(payload: tuple[Any, ...]) -> torch.Tensor:
     if payload[0] == _TORCH:
         rebuilt: torch.Tensor = payload[1](*payload[2])
         return rebuilt
+    if payload[0] == _CUDA_IPC:
+        opened: torch.Tensor = cuda_ipc.open_shared(*payload[1:])
+        return opened
     _, flat, dtype, shape, inverse, requires_grad = payload
     array: np.ndarray[Any, Any] = flat
     t: torch.Tensor = _from_numpy(array).view(dtype).reshape(shape)

@@ -42,6 +42,12 @@ class DeployOptions:
         buffers; docs/design.md "Fast path") instead of Ray actor tasks.
         Replicas on other nodes, and calls whose inputs are Ray object
         refs, always go through Ray. False: every call through Ray.
+    cuda_ipc: on the fast path, pass CUDA tensors between this process and
+        replicas with GPUs by CUDA IPC (the receiver maps the sender's GPU
+        memory and clones it there) instead of through host memory; needs
+        torch with CUDA in this process and the GPU in view of both sides
+        (docs/design.md, "CUDA tensors between GPU steps"). Off by default
+        until it has been measured on a GPU.
     """
 
     max_in_flight: int | None = None
@@ -53,6 +59,7 @@ class DeployOptions:
     max_retries: int = 3
     abandon_grace_s: float = 5.0
     fast_path: bool = True
+    cuda_ipc: bool = False
 
     def __post_init__(self) -> None:
         if self.max_in_flight is not None and (
@@ -65,8 +72,9 @@ class DeployOptions:
             )
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise PipelineValueError(f"deploy(): max_retries must be an int >= 0, got {self.max_retries!r}")
-        if not isinstance(self.fast_path, bool):
-            raise PipelineValueError(f"deploy(): fast_path must be True or False, got {self.fast_path!r}")
+        for name in ("fast_path", "cuda_ipc"):
+            if not isinstance(getattr(self, name), bool):
+                raise PipelineValueError(f"deploy(): {name} must be True or False, got {getattr(self, name)!r}")
         for f in fields(self):
             if f.name.endswith("_s"):
                 value = getattr(self, f.name)
@@ -98,3 +106,4 @@ class DeployKwargs(TypedDict, total=False):
     max_retries: int
     abandon_grace_s: float
     fast_path: bool
+    cuda_ipc: bool

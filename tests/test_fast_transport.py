@@ -307,9 +307,9 @@ def test_calls_waiting_for_a_connection_hold_no_pickled_arguments(host: tuple[An
     node, pickled = host[2], []
     real = fr.dumps
 
-    def counting(value: object) -> fr.Pickled:
+    def counting(value: object, gpus: frozenset[str] = frozenset()) -> fr.Pickled:
         pickled.append(value)
-        return real(value)
+        return real(value, gpus)
 
     async def flood() -> list[object]:
         marker = tmp_path / "busy"
@@ -419,9 +419,9 @@ def test_a_replica_on_another_node_than_its_caller_starts_no_server() -> None:
     compiled = pipeline.compile(work(pipeline.INPUT), backend="actors", optimize=False)
     node = next(n for n in compiled.graph.nodes if isinstance(n, Call))
     unit = Unit.of(compiled.graph, node, compiled.bindings)
-    elsewhere = Replica(unit, (os.getpid(), "another-node"))
+    elsewhere = Replica(unit, (os.getpid(), "another-node", ()))
     assert elsewhere._serve_fast() is None and elsewhere.server is None
-    here = Replica(unit, (os.getpid(), this_node()))
+    here = Replica(unit, (os.getpid(), this_node(), ()))
     address = here._serve_fast()
     try:
         assert address is not None and os.path.exists(address.path)

@@ -18,7 +18,12 @@ a. transfer: a 100 MB CUDA tensor from one Ray GPU actor to another on the
    Ray, the rebuild function in the receiver; the sender keeps the tensor
    alive until the receiver is done), CUDA IPC plus a clone in the
    receiver, a tiny payload through the same two actor calls (the floor),
-   and a device-to-device copy in one process.
+   and a device-to-device copy in one process. Then the same hop between
+   two pipeline_ir GPU steps: the fast path with `cuda_ipc=True`, the fast
+   path through host memory (the default) and Ray actor calls, every
+   value checked; and CUDA IPC's lifetime: one tensor to two GPU steps at
+   once, one of them keeping every tensor it gets, over 40 calls (a
+   tensor freed or reused under a reader changes the sums it returns).
 b. resnet18 (weights=None, eval, no_grad, fixed seed) at batch 1 and 16:
    GPU ms per image (CUDA events) and images/s (synchronized wall clock),
    after a warm-up.
@@ -229,39 +234,105 @@ def make_tensor(arg: tuple[int, int, str]) -> Any:
     return torch.full((megabytes * 2**20 // 4,), float(i), device=device)
 
 
-def where_is(t: Any) -> str:
+def where_is(t: Any) -> tuple[str, float, float]:
     """A pipeline_ir GPU step reading the tensor where it arrived."""
-    assert float(t[-1]) == float(t[0])
-    return str(t.device)
+    return str(t.device), float(t[0]), float(t[-1])
+
+
+def total(t: Any) -> float:
+    """A pipeline_ir GPU step: the sum of what arrived."""
+    return float(t.sum())
+
+
+class Keeper:
+    """A pipeline_ir GPU step that keeps every tensor it is given, and
+    returns the sum of their first elements: a tensor whose memory was
+    freed or reused under it (a CUDA IPC lifetime bug) changes that sum."""
+
+    def __init__(self) -> None:
+        self.kept: list[Any] = []
+
+    def __call__(self, t: Any) -> float:
+        self.kept.append(t)
+        return float(sum(float(k[0]) for k in self.kept))
 
 
 def _pipeline_ir_hop(s: Settings, rows: list[dict[str, Any]], skipped: dict[str, str]) -> None:
     """The same hop between two pipeline_ir GPU steps (`fuse=False`, so
-    two actors): over the fast path (the default; today a CUDA tensor
-    crosses the caller through host memory) and through Ray actor calls
-    (`fast_path=False`), interleaved. The figures a CUDA IPC path in the
-    fast path would be judged against (issue 11)."""
+    two actors): over the fast path with CUDA IPC (`cuda_ipc=True`), over
+    the fast path through host memory (the default), and through Ray
+    actor calls (`fast_path=False`), interleaved, each call's values
+    checked. Then CUDA IPC's lifetime on the GPU: one tensor to two steps
+    at once, one of which keeps every tensor it gets (`_check_ipc`)."""
     import pipeline_ir as pipeline
 
-    make = pipeline.step(make_tensor, execution_mode="actors", num_gpus=s.gpus or None, fuse=False)
-    read = pipeline.step(where_is, execution_mode="actors", num_gpus=s.gpus or None, fuse=False)
+    gpus = s.gpus / 3 if s.gpus else None  # three pipelines of two GPU actors on one GPU
+    make = pipeline.step(make_tensor, execution_mode="actors", num_gpus=gpus, fuse=False)
+    read = pipeline.step(where_is, execution_mode="actors", num_gpus=gpus, fuse=False)
     node = read(make(pipeline.INPUT))
-    ways = {"fast path (default)": True, "Ray actor calls (fast_path=False)": False}
-    deployed = {label: pipeline.compile(node).deploy(fast_path=fast) for label, fast in ways.items()}
+    ways = {
+        "fast path, cuda_ipc=True": {"cuda_ipc": True},
+        "fast path, through host memory (default)": {},
+        "Ray actor calls (fast_path=False)": {"fast_path": False},
+    }
+    deployed: dict[str, Any] = {}
     try:
+        for label, options in ways.items():
+            deployed[label] = pipeline.compile(node).deploy(**options)
         times: dict[str, list[float]] = {label: [] for label in ways}
+        seen: dict[str, str] = {}
         for i in range(s.transfers + 1):
             for label, p in deployed.items():
                 start = time.perf_counter()
-                p.call((i, s.megabytes, s.device), timeout=CALL_TIMEOUT_S)
+                device, first, last = p.call((i, s.megabytes, s.device), timeout=CALL_TIMEOUT_S)
                 times[label].append(time.perf_counter() - start)
+                if (first, last) != (float(i), float(i)):
+                    raise AssertionError(f"{label}: call {i} read {(first, last)}, expected {float(i)}")
+                seen[label] = device
         for label, taken in times.items():
             rows.append(row(f"{s.megabytes} MB GPU step -> GPU step, pipeline_ir: {label}", statistics.median(taken[1:]) * 1e3, "ms"))
+        rows.append(row(f"values checked on every call; devices the reader saw: {seen}", 1.0, "ok"))
     except Exception as e:
         skipped["pipeline_ir GPU step -> GPU step"] = f"failed: {type(e).__name__}: {e}"[:2000]
     finally:
         for p in deployed.values():
             p.shutdown()
+    _wait_released(ray_module())
+    try:
+        rows.append(_check_ipc(s))
+    except Exception as e:
+        skipped["cuda_ipc lifetime check"] = f"failed: {type(e).__name__}: {e}"[:2000]
+
+
+def _check_ipc(s: Settings) -> dict[str, Any]:
+    """One CUDA tensor to two GPU steps at once (two exports of one
+    tensor), one of them keeping everything it gets, over many calls while
+    the producer keeps making new tensors: every sum must be exact."""
+    import pipeline_ir as pipeline
+
+    gpus = s.gpus / 2 if s.gpus else None  # three GPU actors on one GPU
+    make = pipeline.step(make_tensor, execution_mode="actors", num_gpus=gpus, fuse=False)
+    add = pipeline.step(total, execution_mode="actors", num_gpus=gpus, fuse=False)
+    keep = pipeline.step(Keeper, execution_mode="actors", num_gpus=gpus, fuse=False)()
+    t = make(pipeline.INPUT)
+    node = (add(t), keep(t))  # two outputs: call() returns both
+    calls = 5 if s.smoke else 40
+    megabytes = 1 if s.smoke else 8
+    elements = megabytes * 2**20 // 4
+    with pipeline.compile(node).deploy(cuda_ipc=True) as p:
+        start = time.perf_counter()
+        for i in range(1, calls + 1):
+            summed, kept = p.call((i, megabytes, s.device), timeout=CALL_TIMEOUT_S)
+            if summed != float(i * elements) or kept != float(i * (i + 1) // 2):
+                raise AssertionError(f"call {i}: sum {summed} (expected {i * elements}), kept {kept} (expected {i * (i + 1) // 2})")
+        seconds = time.perf_counter() - start
+    return row(f"cuda_ipc lifetime: {calls} calls of {megabytes} MB to two steps, one keeping all, values exact", seconds / calls * 1e3, "ms per call")
+
+
+def ray_module() -> Any:
+    import ray
+
+    return ray
 
 
 # -- b. resnet18, batch 1 vs 16 --
