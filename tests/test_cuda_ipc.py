@@ -160,7 +160,10 @@ def test_a_cuda_tensor_goes_both_ways_by_ipc_and_arrives_as_a_tensor_of_its_own(
     served.append(_serve(double))
     _, client = served[0]
     x = ledger.on(torch.arange(6.0))
+    before = cuda_ipc.counts()
     got = client.call((x,))
+    after = cuda_ipc.counts()
+    assert {k: after[k] - before[k] for k in after} == {"exported": 2, "opened": 2, "given_back": 0}  # what the GPU test reads
     assert torch.equal(got, torch.arange(6.0) * 2)
     assert ledger.gpu_of(got) == GPU and ledger.gpu_of(seen[0]) == GPU  # still on the GPU, both ways
     assert seen[0] is not x and got is not ledger.exported[1]  # clones: neither side maps the other's memory any more
