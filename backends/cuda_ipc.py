@@ -86,8 +86,13 @@ def visible_gpus(load: bool = False) -> tuple[str, ...]:
     """The UUIDs of the GPUs this process can open CUDA IPC handles on;
     () without CUDA. `load`: import torch to find out (else a process
     that has not imported torch says none)."""
-    if "torch" not in sys.modules and not load:
-        return ()
+    if sys.modules.get("torch") is None:
+        if not load:
+            return ()
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return ()  # no torch, no CUDA tensors: nothing to share
     return _uuids()
 
 

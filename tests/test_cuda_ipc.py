@@ -18,6 +18,7 @@ import asyncio
 import collections
 import itertools
 import os
+import sys
 import threading
 import time
 import weakref
@@ -416,3 +417,10 @@ def test_without_cuda_the_real_layer_sees_no_gpu_and_exports_nothing() -> None:
     with pytest.raises(RuntimeError, match="unexpected CUDA IPC reduction"):
         cuda_ipc._import(rebuild_cuda_tensor, (0,) * 14, 0)
     cuda_ipc._release((0,) * 11 + (b"/torch_no_such_counter", 0, None, False))  # best effort: no error
+
+
+def test_without_torch_a_process_sees_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    monkeypatch.setattr(cuda_ipc, "_uuids", lambda: pytest.fail("torch is not there to ask"))
+    assert cuda_ipc.visible_gpus() == () and cuda_ipc.visible_gpus(load=True) == ()
