@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test typecheck bench clean
+.PHONY: setup demo test typecheck bench gpu-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# The GPU machine's script, on CPU with tiny sizes and one logical GPU:
+# it runs only on lent GPU machines, so CI keeps it from rotting.
+gpu-smoke: $(STAMP)
+	OUT=build/gpu_smoke $(PY) benchmarks/gpu/gpu_bench.py --cpu-smoke
 
 clean:
 	rm -rf build $(VENV) *.egg-info .mypy_cache .pytest_cache

@@ -712,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {r['label']:<72} {r['value']:>10.4g} {r['unit']}")
             for label, reason in result.get("skipped", {}).items():
                 print(f"  {label:<72} not run: {reason}")
+                failed = failed or reason.startswith("failed")  # the other rows stand; the exit status says so
             print(f"  ({result['seconds']} s)", flush=True)
     finally:
         ray.shutdown()
