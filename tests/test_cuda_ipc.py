@@ -252,6 +252,19 @@ def test_arguments_that_fail_to_pickle_after_a_tensor_give_the_export_back(ledge
     ledger.check(exports=2, released=2)
 
 
+def test_a_result_whose_frame_cannot_be_built_gives_the_export_back(ledger: Ledger, served: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline_ir.backends import fast_segments
+
+    def no_memory(self: Any, raw: Any) -> Any:
+        raise OSError(12, "no memory for a segment")
+
+    served.append(_serve(lambda x: (ledger.on(x + 1), torch.zeros(1 << 20))))  # 4 MB: a segment
+    monkeypatch.setattr(fast_segments.Outbox, "place", no_memory)
+    with pytest.raises(RemoteFailure, match="the result could not be sent"):
+        served[0][1].call((torch.ones(2),))
+    ledger.check(exports=1, released=1)
+
+
 def test_an_answer_its_caller_gave_up_on_gives_the_export_back(ledger: Ledger, served: list[Any]) -> None:
     def slow(x: Any) -> Any:
         time.sleep(0.3)
