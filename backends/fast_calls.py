@@ -13,8 +13,9 @@ is sent at once and its answer read where the program needs the value:
     return _get(v3, 5)             # reads the answer (ray_runtime._get)
 
 A FastRef handed to another remote step is read here and its value sent
-on (`resolve`); values over 256 KiB travel in shared memory, so the hop
-costs one copy into the next segment.
+on (`resolve`); values over 256 KiB travel in shared memory, and a buffer
+read here from one replica's segment is forwarded in that segment to the
+next (fast_segments.py): the hop copies nothing.
 
 What a Ray actor call gets from Ray, a FastRef does here:
 

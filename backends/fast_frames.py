@@ -1,15 +1,17 @@
 """The fast path's wire format and socket I/O (used by fast_transport.py).
 
 A frame is a 16-byte header (kind, version, buffer count, fd count, notice
-count, body length), one (length, carrier, segment) entry per out-of-band
-buffer, the notices (fast_segments.py), the pickle body, then the buffers
-that travel inline. The body is pickled as Ray pickles (cloudpickle:
+count, body length), one (length, carrier, segment, offset) entry per
+out-of-band buffer, the notices (fast_segments.py), the pickle body, then
+the buffers that travel inline. The body is pickled as Ray pickles (cloudpickle:
 classes and functions of `__main__` by value), protocol 5, with CPU torch
 tensors through serialization.py, so numpy arrays and tensors leave their
 data out of band: a buffer up to the threshold travels inline with the
 frame (one sendmsg, no copy in user space), a larger one is copied once
 into a shared-memory segment that the receiver maps read-only
-(fast_segments.py): zero-copy on arrival.
+(fast_segments.py): zero-copy on arrival. A buffer that arrived in a
+segment and is sent on (the caller relaying a value between replicas)
+is forwarded in that segment, without a copy.
 
 A `Link` is one end of a connection with that state. A thread sends and
 receives with `Blocking(deadline)`: the socket blocks in the kernel (one
@@ -52,15 +54,19 @@ SCRATCH = 64 * 1024  # per-connection receive buffer: small frames land here
 _MAX_FDS = 64  # per frame (the kernel allows 253); further large buffers go inline
 _MAX_PARTS = 512  # iovecs per sendmsg (IOV_MAX is 1024)
 _HEADER = struct.Struct("<BBHHHQ")  # kind, version, buffers, fds, notices, body length
-_ENTRY = struct.Struct("<QII")  # buffer length, carrier, segment id
+_ENTRY = struct.Struct("<QIIQ")  # buffer length, carrier, segment id, offset in the segment
 _NOTICE = struct.Struct("<I")
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _TIMEVAL = struct.Struct("ll")  # struct timeval: seconds, microseconds
 # socket's flags are IntFlags, whose | and & run Python code: plain ints here.
 _NOSIGNAL, _DONTWAIT = int(socket.MSG_NOSIGNAL), int(socket.MSG_DONTWAIT)
 _CLOEXEC, _CTRUNC = int(socket.MSG_CMSG_CLOEXEC), int(socket.MSG_CTRUNC)
-_VERSION = 1
-_INLINE, _SEGMENT, _NEW_SEGMENT = 0, 1, 2  # carriers; a new segment's fd comes with the frame
+_VERSION = 2
+# Carriers. A new segment's fd comes with the frame, and so does a
+# forwarded one's: a segment of a third process's that this end maps
+# (fast_segments.py), sent on as it is.
+_INLINE, _SEGMENT, _NEW_SEGMENT, _FORWARDED = 0, 1, 2, 3
+_WITH_FD = (_NEW_SEGMENT, _FORWARDED)
 
 
 class TransportError(ConnectionError):
@@ -223,14 +229,21 @@ class Link:
                 except BufferError:  # not contiguous: one copy
                     raw = memoryview(bytes(buffer))
                 if raw.nbytes > threshold and len(out.fds) < _MAX_FDS:
-                    segment, fd = self.outbox.place(raw)
-                    placed.append((segment, fd))
-                    if fd is not None:
+                    forwarded = self.outbox.forward(raw)
+                    if forwarded is not None:
+                        segment, fd, offset = forwarded
+                        placed.append((segment, fd))
                         out.fds.append(fd)
-                    entries.append(_ENTRY.pack(raw.nbytes, _SEGMENT if fd is None else _NEW_SEGMENT, segment))
+                        entries.append(_ENTRY.pack(raw.nbytes, _FORWARDED, segment, offset))
+                        continue
+                    segment, new = self.outbox.place(raw)
+                    placed.append((segment, new))
+                    if new is not None:
+                        out.fds.append(new)
+                    entries.append(_ENTRY.pack(raw.nbytes, _SEGMENT if new is None else _NEW_SEGMENT, segment, 0))
                 else:
                     out.parts.append(raw)
-                    entries.append(_ENTRY.pack(raw.nbytes, _INLINE, 0))
+                    entries.append(_ENTRY.pack(raw.nbytes, _INLINE, 0, 0))
         except BaseException:
             out.close()
             self.outbox.unplace(placed)
@@ -400,9 +413,9 @@ class Link:
                 need = start
             else:
                 entries = [_ENTRY.unpack_from(buf, _HEADER.size + i * _ENTRY.size) for i in range(nbuf)]
-                if sum(carrier == _NEW_SEGMENT for _, carrier, _ in entries) != nfd:
+                if sum(carrier in _WITH_FD for _, carrier, _, _ in entries) != nfd:
                     raise ProtocolError("frame: its buffer table does not match the fds received")
-                need = start + body_len + sum(length for length, carrier, _ in entries if carrier == _INLINE)
+                need = start + body_len + sum(length for length, carrier, _, _ in entries if carrier == _INLINE)
             if need > len(buf):
                 bigger = bytearray(need)
                 bigger[:got] = buf[:got]
@@ -424,20 +437,20 @@ class Link:
         own = buf is not self.scratch  # the scratch buffer is reused: copy out what must outlive this frame
         buffers: list[Any] = []
         offset = start + body_len
-        for length, carrier, segment in entries:
+        for length, carrier, segment, at in entries:
             if carrier == _INLINE:
                 piece = view[offset : offset + length]
                 buffers.append(piece.toreadonly() if own else piece.tobytes())
                 offset += length
                 continue
-            if carrier == _NEW_SEGMENT:
+            if carrier in _WITH_FD:
                 fd = fds.pop(0)
                 try:
                     self.inbox.learn(segment, fd)
                 finally:
                     os.close(fd)
             try:
-                buffers.append(self.inbox.buffer(segment, length))
+                buffers.append(self.inbox.buffer(segment, length, at))
             except KeyError as e:
                 raise ProtocolError(f"frame: {e}") from None
         return Incoming(kind, view[start : start + body_len], buffers)

@@ -16,8 +16,17 @@ receiver is told to forget them (a *drop* notice). All of it is per
 connection and dies with it: the kernel frees a segment's pages with the
 last mapping or fd, whichever side goes first, a killed one included.
 
+A buffer that already lies in a segment this process maps (a value one
+replica sent, on its way to another: the caller relays values between
+replicas) is *forwarded* rather than copied: the frame passes the
+segment's fd and the buffer's offset in it, and the receiver maps that
+same memory. The forwarding end keeps the buffer (so the segment it came
+in) alive until the receiver releases it: only then can its first owner
+be told to fill it again. A forwarded segment is never reused; once
+released, the receiver is told to forget it.
+
 This module holds the bookkeeping of both ends; fast_frames.py carries the
-ids, fds and notices in its frames.
+ids, fds, offsets and notices in its frames.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import collections
 import mmap
 import os
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -41,12 +51,61 @@ class _Segment:
     mapping: mmap.mmap  # the sender's, writable
 
 
+@dataclass(eq=False)
+class _Forwarded:
+    id: int
+    keep: memoryview  # the buffer sent on: keeps the mapping it lies in (and that segment's release) until the peer is done
+
+
+# The peers' segments this process maps, by start address, each with a
+# duplicate of its fd, so that a buffer lying in one can be forwarded
+# (Outbox.forward). An entry lives exactly as long as its mapping object
+# (a finalizer removes it before the memory is unmapped), so an address
+# found here is that segment's, never a later mapping's at the same place.
+_mapped: dict[int, tuple[int, int]] = {}  # start: (length, fd)
+_mapped_lock = threading.Lock()
+MAX_KEPT_FDS = 256  # past it, segments mapped here are not forwarded (a copy instead)
+
+
+def _address(buffer: Any) -> int:
+    import numpy as np
+
+    return int(np.frombuffer(buffer, np.uint8).ctypes.data)
+
+
+def _keep(mapping: mmap.mmap, fd: int) -> None:
+    """Note where `mapping` (of the segment `fd`) lies, for forwarding."""
+    with _mapped_lock:
+        if len(_mapped) >= MAX_KEPT_FDS:
+            return
+        start = _address(mapping)
+        _mapped[start] = (len(mapping), os.dup(fd))
+    weakref.finalize(mapping, _forget_mapping, start).atexit = False
+
+
+def _forget_mapping(start: int) -> None:
+    with _mapped_lock:
+        entry = _mapped.pop(start, None)
+    if entry is not None:
+        os.close(entry[1])
+
+
+def _find(address: int, length: int) -> tuple[int, int] | None:
+    """(a new fd of the segment, the offset) for a buffer at `address` that
+    lies wholly in a segment mapped here; None otherwise."""
+    with _mapped_lock:
+        for start, (size, fd) in _mapped.items():
+            if start <= address and address + length <= start + size:
+                return os.dup(fd), address - start
+    return None
+
+
 class Outbox:
     """The segments one end sends from: busy (the peer may still read
     them) or free (released: ready to be filled again)."""
 
     def __init__(self) -> None:
-        self._busy: dict[int, _Segment] = {}
+        self._busy: dict[int, _Segment | _Forwarded] = {}
         self._free: dict[int, _Segment] = {}  # oldest first
         self._next = 0
         self._drops: list[int] = []
@@ -75,11 +134,27 @@ class Outbox:
         segment.mapping[:size] = raw
         return segment.id, fd
 
+    def forward(self, raw: memoryview) -> tuple[int, int, int] | None:
+        """If `raw` lies in a segment this process maps (a peer's), send that
+        segment instead of a copy: (id, the fd to pass, `raw`'s offset in
+        it); None if it does not."""
+        found = _find(_address(raw), raw.nbytes)
+        if found is None:
+            return None
+        fd, offset = found
+        segment = _Forwarded(self._next, raw)
+        self._next += 1
+        self._busy[segment.id] = segment
+        return segment.id, fd, offset
+
     def unplace(self, placed: list[tuple[int, int | None]]) -> None:
-        """Undo `place` for a frame that will not be sent: used segments go
-        back to free, new ones (the peer never saw them) are closed."""
+        """Undo `place` and `forward` for a frame that will not be sent:
+        used segments go back to free, new ones (the peer never saw them)
+        are closed, forwarded buffers let go."""
         for segment_id, fd in placed:
             segment = self._busy.pop(segment_id)
+            if isinstance(segment, _Forwarded):
+                continue
             if fd is None:
                 self._free[segment_id] = segment
             else:
@@ -90,6 +165,9 @@ class Outbox:
         segment = self._busy.pop(segment_id, None)
         if segment is None:
             return  # not ours, or not busy: a confused peer; ignore
+        if isinstance(segment, _Forwarded):
+            self._drops.append(segment_id | DROP)  # not ours to fill again: the peer unmaps it
+            return
         self._free[segment_id] = segment
         cached = sum(s.size for s in self._free.values())
         while cached > CACHE_BYTES:
@@ -110,7 +188,8 @@ class Outbox:
 
     def close(self) -> None:
         for segment in [*self._busy.values(), *self._free.values()]:
-            segment.mapping.close()  # the peer's own mapping keeps the pages it still uses
+            if isinstance(segment, _Segment):
+                segment.mapping.close()  # the peer's own mapping keeps the pages it still uses
         self._busy.clear()
         self._free.clear()
 
@@ -126,19 +205,21 @@ class Inbox:
 
     def learn(self, segment_id: int, fd: int) -> None:
         """Map a segment the peer passes for the first time (`fd` stays the caller's)."""
-        self._mappings[segment_id] = mmap.mmap(fd, os.fstat(fd).st_size, access=mmap.ACCESS_READ)
+        mapping = mmap.mmap(fd, os.fstat(fd).st_size, access=mmap.ACCESS_READ)
+        self._mappings[segment_id] = mapping
+        _keep(mapping, fd)
 
-    def buffer(self, segment_id: int, length: int) -> Any:
-        """A read-only uint8 array over the first `length` bytes of a
-        segment; the segment is released when the last array over it goes."""
+    def buffer(self, segment_id: int, length: int, offset: int = 0) -> Any:
+        """A read-only uint8 array over `length` bytes of a segment from
+        `offset`; the segment is released when the last array over it goes."""
         import numpy as np
 
         mapping = self._mappings.get(segment_id)
-        if mapping is None or length > len(mapping):
-            raise KeyError(f"segment {segment_id} is not mapped here, or shorter than {length} bytes")
+        if mapping is None or offset + length > len(mapping):
+            raise KeyError(f"segment {segment_id} is not mapped here, or shorter than {offset + length} bytes")
         # Arrays that pickle rebuilds over this one keep it alive (as their
         # buffer's exporter), so its finalizer runs when the last is gone.
-        base = np.frombuffer(mapping, np.uint8, count=length)
+        base = np.frombuffer(mapping, np.uint8, count=length, offset=offset)
         weakref.finalize(base, self._released.append, segment_id).atexit = False
         return base
 

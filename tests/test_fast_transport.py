@@ -247,6 +247,119 @@ def test_segments_over_the_cache_limit_are_closed_on_both_ends(monkeypatch: pyte
         server.close()
 
 
+def _memfd_inode(address: int) -> int | None:
+    """The inode of the memfd mapped at `address` (None: not one of ours)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, _, _, _, inode, *name = line.split()
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= address < hi:
+                return int(inode) if "memfd:pipeline_ir" in " ".join(name) else None
+    return None
+
+
+def _memfd_mappings() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum("memfd:pipeline_ir" in line for line in maps)
+
+
+@contextlib.contextmanager
+def _relay(handler_b: Any) -> Iterator[tuple[FastClient, FastClient]]:
+    """Two replicas in this process: A makes arrays, B gets them from this
+    caller, which relays (as a pipeline's caller does between steps)."""
+    a = FastServer(lambda n, v: np.arange(n, dtype=np.float64) + v, [os.getpid()])
+    b = FastServer(handler_b, [os.getpid()])
+    to_a, to_b = FastClient(a.start()), FastClient(b.start())
+    try:
+        yield to_a, to_b
+    finally:
+        to_a.close()
+        to_b.close()
+        a.close()
+        b.close()
+
+
+def test_a_value_relayed_between_replicas_is_forwarded_in_its_segment_not_copied(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline_ir.backends import fast_segments
+
+    copies: list[int] = []
+    place = fast_segments.Outbox.place
+
+    def counted(self: Any, raw: memoryview) -> Any:
+        copies.append(raw.nbytes)
+        return place(self, raw)
+
+    monkeypatch.setattr(fast_segments.Outbox, "place", counted)
+    with _relay(lambda x: (_memfd_inode(x.ctypes.data), float(x[0]), float(x[-1]), x.flags.writeable)) as (to_a, to_b):
+        x = to_a.call((BIG, 7.0))
+        inode, first, last, writeable = to_b.call((x,))
+        assert (first, last, writeable) == (7.0, BIG - 1 + 7.0, False)
+        assert inode is not None and inode == _memfd_inode(x.ctypes.data)  # B maps the very segment A filled
+        assert copies == [BIG * 8]  # A's one copy into its segment; none in the relay
+        part = x[100_000:200_000]  # 800 KB from byte 800,000: the same segment, at an offset
+        inode, first, last, _ = to_b.call((part,))
+        assert inode == _memfd_inode(x.ctypes.data) and (first, last) == (100_007.0, 200_006.0)
+        assert copies == [BIG * 8]
+
+
+def test_a_forwarded_value_a_replica_keeps_is_never_overwritten() -> None:
+    """The caller holds a forwarded buffer (so the segment it came in)
+    until the receiver lets go: its first owner cannot fill it again."""
+    kept: list[Any] = []
+    with _relay(lambda x: kept.append(x)) as (to_a, to_b):
+        for i in range(6):
+            x = to_a.call((BIG, float(i)))
+            to_b.call((x,))
+            del x  # only B holds it now
+        assert [float(k[0]) for k in kept] == [float(i) for i in range(6)]
+        assert all(np.array_equal(k, np.arange(BIG, dtype=np.float64) + i) for i, k in enumerate(kept))
+
+
+def test_released_forwards_let_the_segment_be_filled_again() -> None:
+    """Once the receiver is done, the release travels back through the
+    caller to the first owner, which reuses its segment: the memfds do not
+    pile up, nor do the receiver's mappings."""
+    with _relay(lambda x: float(x.sum())) as (to_a, to_b):
+        for i in range(20):
+            x = to_a.call((BIG, 1.0))
+            assert to_b.call((x,)) == float(BIG * (BIG + 1) // 2)
+            del x
+        assert _memfd_mappings() <= 6  # A's segment, the caller's and B's mappings of it (and one spare each)
+
+
+def test_only_a_segment_still_mapped_here_is_forwarded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward names a segment by where it is mapped: once the mapping
+    is gone, that address may hold anything, and must not be sent as it."""
+    from pipeline_ir.backends import fast_segments
+
+    outbox, inbox, onward = fast_segments.Outbox(), fast_segments.Inbox(), fast_segments.Outbox()
+    data = np.arange(300_000, dtype=np.uint8)
+    segment, fd = outbox.place(memoryview(data))
+    assert fd is not None
+    inbox.learn(segment, fd)
+    os.close(fd)
+    view = inbox.buffer(segment, data.nbytes)
+    address = view.ctypes.data
+    kept = fast_segments._mapped[address][1]  # the fd kept for forwarding
+    forwarded = onward.forward(memoryview(view)[10:])
+    assert forwarded is not None and forwarded[2] == 10
+    os.close(forwarded[1])
+    onward.unplace([forwarded[:2]])
+    del view, forwarded
+    inbox.forget(segment)  # the last array and the mapping are gone: unmapped
+    assert fast_segments._find(address, 1) is None
+    with contextlib.suppress(OSError):  # closed (or, by now, another file's)
+        assert not os.readlink(f"/proc/self/fd/{kept}").startswith("/memfd:pipeline_ir")
+    monkeypatch.setattr(fast_segments, "MAX_KEPT_FDS", 0)  # past the cap: a copy, as before
+    segment, fd = outbox.place(memoryview(data))  # a new segment: the first is still busy
+    assert fd is not None
+    inbox.learn(segment, fd)
+    os.close(fd)
+    assert onward.forward(memoryview(inbox.buffer(segment, data.nbytes))) is None
+    for end in (outbox, inbox, onward):
+        end.close()
+
+
 def test_async_calls_from_asyncio(host: tuple[Any, Address, int], client: FastClient) -> None:
     node = host[2]
 
