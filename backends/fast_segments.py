@@ -36,6 +36,7 @@ import mmap
 import os
 import threading
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,10 +60,11 @@ class _Forwarded:
 
 # The peers' segments this process maps, by start address, each with a
 # duplicate of its fd, so that a buffer lying in one can be forwarded
-# (Outbox.forward). An entry lives exactly as long as its mapping object
-# (a finalizer removes it before the memory is unmapped), so an address
-# found here is that segment's, never a later mapping's at the same place.
-_mapped: dict[int, tuple[int, int]] = {}  # start: (length, fd)
+# (Outbox.forward). An entry holds its mapping object, so the memory stays
+# mapped while the entry exists: an address found here is that segment's,
+# never a later mapping's at the same place. Its Inbox removes it when the
+# peer drops the segment or the connection ends.
+_mapped: dict[int, tuple[int, int, mmap.mmap]] = {}  # start: (length, fd, mapping)
 _mapped_lock = threading.Lock()
 MAX_KEPT_FDS = 256  # past it, segments mapped here are not forwarded (a copy instead)
 
@@ -73,28 +75,30 @@ def _address(buffer: Any) -> int:
     return int(np.frombuffer(buffer, np.uint8).ctypes.data)
 
 
-def _keep(mapping: mmap.mmap, fd: int) -> None:
-    """Note where `mapping` (of the segment `fd`) lies, for forwarding."""
+def _keep(mapping: mmap.mmap, fd: int) -> int | None:
+    """Note where `mapping` (of the segment `fd`) lies, for forwarding; its
+    start address, the key to `_unkeep` it (None: not kept, over the cap)."""
+    start = _address(mapping)
     with _mapped_lock:
         if len(_mapped) >= MAX_KEPT_FDS:
-            return
-        start = _address(mapping)
-        _mapped[start] = (len(mapping), os.dup(fd))
-    weakref.finalize(mapping, _forget_mapping, start).atexit = False
+            return None
+        _mapped[start] = (len(mapping), os.dup(fd), mapping)
+    return start
 
 
-def _forget_mapping(start: int) -> None:
+def _unkeep(starts: Iterable[int]) -> None:
     with _mapped_lock:
-        entry = _mapped.pop(start, None)
-    if entry is not None:
-        os.close(entry[1])
+        entries = [_mapped.pop(start, None) for start in starts]
+    for entry in entries:
+        if entry is not None:
+            os.close(entry[1])
 
 
 def _find(address: int, length: int) -> tuple[int, int] | None:
     """(a new fd of the segment, the offset) for a buffer at `address` that
     lies wholly in a segment mapped here; None otherwise."""
     with _mapped_lock:
-        for start, (size, fd) in _mapped.items():
+        for start, (size, fd, _) in _mapped.items():
             if start <= address and address + length <= start + size:
                 return os.dup(fd), address - start
     return None
@@ -199,15 +203,20 @@ class Inbox:
 
     def __init__(self) -> None:
         self._mappings: dict[int, mmap.mmap] = {}
+        self._kept: dict[int, int] = {}  # segment id: its start address in `_mapped`
         # Filled by finalizers, on whatever thread drops an array last:
         # deque appends and pops are atomic.
         self._released: collections.deque[int] = collections.deque()
+        # An end dropped without close() still takes its entries out of `_mapped`.
+        weakref.finalize(self, _unkeep, self._kept.values()).atexit = False
 
     def learn(self, segment_id: int, fd: int) -> None:
         """Map a segment the peer passes for the first time (`fd` stays the caller's)."""
         mapping = mmap.mmap(fd, os.fstat(fd).st_size, access=mmap.ACCESS_READ)
         self._mappings[segment_id] = mapping
-        _keep(mapping, fd)
+        start = _keep(mapping, fd)
+        if start is not None:
+            self._kept[segment_id] = start
 
     def buffer(self, segment_id: int, length: int, offset: int = 0) -> Any:
         """A read-only uint8 array over `length` bytes of a segment from
@@ -225,8 +234,11 @@ class Inbox:
 
     def forget(self, segment_id: int) -> None:
         """The peer closed its segment: drop the mapping (arrays still over
-        it, if any, keep it mapped)."""
+        it, if any, keep it mapped, but it is forwarded no more)."""
         self._mappings.pop(segment_id, None)
+        start = self._kept.pop(segment_id, None)
+        if start is not None:
+            _unkeep([start])
 
     def due(self) -> bool:
         """Whether notices wait to be sent."""
@@ -240,4 +252,6 @@ class Inbox:
         return out
 
     def close(self) -> None:
+        _unkeep(list(self._kept.values()))
+        self._kept.clear()
         self._mappings.clear()

@@ -319,17 +319,25 @@ def test_released_forwards_let_the_segment_be_filled_again() -> None:
     """Once the receiver is done, the release travels back through the
     caller to the first owner, which reuses its segment: the memfds do not
     pile up, nor do the receiver's mappings."""
+    from pipeline_ir.backends import fast_segments
+
+    kept = len(fast_segments._mapped)
     with _relay(lambda x: float(x.sum())) as (to_a, to_b):
         for i in range(20):
             x = to_a.call((BIG, 1.0))
             assert to_b.call((x,)) == float(BIG * (BIG + 1) // 2)
             del x
         assert _memfd_mappings() <= 6  # A's segment, the caller's and B's mappings of it (and one spare each)
+    deadline = time.monotonic() + 5
+    while len(fast_segments._mapped) > kept and time.monotonic() < deadline:  # the servers' threads end
+        time.sleep(0.01)
+    assert len(fast_segments._mapped) == kept  # the connections closed: no mapping kept for forwarding
 
 
 def test_only_a_segment_still_mapped_here_is_forwarded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A forward names a segment by where it is mapped: once the mapping
-    is gone, that address may hold anything, and must not be sent as it."""
+    """A forward names a segment by where it is mapped: once its inbox
+    lets go of the mapping, that address may come to hold anything, and
+    must not be sent as that segment."""
     from pipeline_ir.backends import fast_segments
 
     outbox, inbox, onward = fast_segments.Outbox(), fast_segments.Inbox(), fast_segments.Outbox()
@@ -345,9 +353,10 @@ def test_only_a_segment_still_mapped_here_is_forwarded(monkeypatch: pytest.Monke
     assert forwarded is not None and forwarded[2] == 10
     os.close(forwarded[1])
     onward.unplace([forwarded[:2]])
-    del view, forwarded
-    inbox.forget(segment)  # the last array and the mapping are gone: unmapped
+    del forwarded
+    inbox.forget(segment)  # the peer dropped it: forwarded no more, though `view` keeps it mapped
     assert fast_segments._find(address, 1) is None
+    del view
     with contextlib.suppress(OSError):  # closed (or, by now, another file's)
         assert not os.readlink(f"/proc/self/fd/{kept}").startswith("/memfd:pipeline_ir")
     monkeypatch.setattr(fast_segments, "MAX_KEPT_FDS", 0)  # past the cap: a copy, as before
