@@ -126,7 +126,13 @@ def open_shared(gpu: str, rebuild: Any, args: Export) -> Any:
             f"a CUDA tensor came over CUDA IPC from GPU {gpu}, which this process does not see "
             f"(its GPUs: {list(_uuids()) or 'none'}); deploy with cuda_ipc=False to copy CUDA tensors through host memory"
         )
-    view = _import(rebuild, args, index)
+    try:
+        view = _import(rebuild, args, index)
+    except BaseException:
+        # Not opened (or opened and dropped already): nobody will read it.
+        # A second decrement, if torch made one, frees no sooner than due.
+        release((args,))
+        raise
     try:
         owned = _own(view)
     finally:

@@ -309,6 +309,17 @@ def test_a_receiver_that_does_not_see_the_gpu_says_so_and_gives_the_export_back(
     ledger.check(exports=1, released=1)
 
 
+def test_an_export_that_fails_to_open_is_given_back(ledger: Ledger, served: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(rebuild: Any, args: tuple[Any, ...], index: int) -> Any:
+        raise RuntimeError("cudaIpcOpenMemHandle failed")
+
+    served.append(_serve(lambda x: ledger.on(x + 1)))
+    monkeypatch.setattr(cuda_ipc, "_import", broken)
+    with pytest.raises(RemoteFailure, match="cudaIpcOpenMemHandle failed"):
+        served[0][1].call((torch.ones(2),))
+    ledger.check(exports=1, released=1)
+
+
 # -- any value: structure, identity and values kept, every export settled
 
 
