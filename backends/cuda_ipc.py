@@ -82,13 +82,10 @@ def _count(what: str, n: int = 1) -> None:
         _counts[what] += n
 
 
-def visible_gpus(load: bool = False) -> tuple[str, ...]:
-    """The UUIDs of the GPUs this process can open CUDA IPC handles on;
-    () without CUDA. `load`: import torch to find out (else a process
-    that has not imported torch says none)."""
+def visible_gpus() -> tuple[str, ...]:
+    """The UUIDs of the GPUs this process can open CUDA IPC handles on
+    (importing torch to find out); () without torch or CUDA."""
     if sys.modules.get("torch") is None:
-        if not load:
-            return ()
         try:
             import torch  # noqa: F401
         except ImportError:
@@ -119,14 +116,13 @@ def share(t: Any) -> tuple[str, Any, Export] | None:
 def open_shared(gpu: str, rebuild: Any, args: Export) -> Any:
     """The tensor a `share` on the other side exported: a clone of it in
     this process's memory; the sender's memory is released."""
-    index = _local_index(gpu)
-    if index is None:
-        release((args,))
-        raise RuntimeError(
-            f"a CUDA tensor came over CUDA IPC from GPU {gpu}, which this process does not see "
-            f"(its GPUs: {list(_uuids()) or 'none'}); deploy with cuda_ipc=False to copy CUDA tensors through host memory"
-        )
     try:
+        index = _local_index(gpu)
+        if index is None:
+            raise RuntimeError(
+                f"a CUDA tensor came over CUDA IPC from GPU {gpu}, which this process does not see "
+                f"(its GPUs: {list(_uuids()) or 'none'}); deploy with cuda_ipc=False to copy CUDA tensors through host memory"
+            )
         view = _import(rebuild, args, index)
     except BaseException:
         # Not opened (or opened and dropped already): nobody will read it.

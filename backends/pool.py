@@ -115,7 +115,7 @@ class Pool:
         # CUDA IPC (cuda_ipc.py) to and from replicas that Ray gives GPUs:
         # this process's GPUs, which such a replica may export results to.
         gpu_unit = float(options.get("num_gpus") or 0) > 0  # type: ignore[arg-type]
-        self._gpus = cuda_ipc.visible_gpus(load=True) if self.fast_path and self.policy.cuda_ipc and gpu_unit else ()
+        self._gpus = cuda_ipc.visible_gpus() if self.fast_path and self.policy.cuda_ipc and gpu_unit else ()
         # How FastRefs handed back by a retry are read (ray_runtime's _get/_aget).
         self.fetch: Callable[[Any, int], object] = _no_fetch
         self.afetch: Callable[[Any, int], Any] = _no_fetch

@@ -107,7 +107,7 @@ class Replica:
         with self._building:
             if self.server is None:
                 # Only a replica Ray gave GPUs looks for them (importing torch).
-                gpus = cuda_ipc.visible_gpus(load=True) if caller_gpus and ray.get_gpu_ids() else ()
+                gpus = cuda_ipc.visible_gpus() if caller_gpus and ray.get_gpu_ids() else ()
                 server = FastServer(self.call, [pid], on_unsendable=self._unsendable, gpus=gpus, caller_gpus=caller_gpus)
                 server.start()
                 self.server = server

@@ -430,7 +430,7 @@ def test_deploy_checks_cuda_ipc_and_without_cuda_it_changes_nothing(ray_session:
 def test_without_cuda_the_real_layer_sees_no_gpu_and_exports_nothing() -> None:
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    assert cuda_ipc.visible_gpus(load=True) == () and cuda_ipc._gpu_of(torch.ones(2)) is None
+    assert cuda_ipc.visible_gpus() == () and cuda_ipc._gpu_of(torch.ones(2)) is None
     cuda_ipc.sending.peer, cuda_ipc.sending.exports = frozenset({GPU}), []
     try:
         assert cuda_ipc.share(torch.ones(2)) is None and cuda_ipc.sending.exports == []
@@ -447,4 +447,4 @@ def test_without_torch_a_process_sees_no_gpu(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delitem(sys.modules, "torch")
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
     monkeypatch.setattr(cuda_ipc, "_uuids", lambda: pytest.fail("torch is not there to ask"))
-    assert cuda_ipc.visible_gpus() == () and cuda_ipc.visible_gpus(load=True) == ()
+    assert cuda_ipc.visible_gpus() == ()

@@ -201,15 +201,22 @@ def test_a_live_result_is_never_overwritten_and_a_released_segment_is_reused(hos
     assert third.ctypes.data == address  # the same segment, filled again, over the mapping kept here
 
 
+def _pass_new_segment(outbox: Any, inbox: Any, data: Any) -> int:
+    """Place `data` in a new segment of `outbox` and have `inbox` map it, as
+    a frame would; the segment's id."""
+    segment, fd = outbox.place(memoryview(data))
+    assert fd is not None
+    inbox.learn(segment, fd)
+    os.close(fd)
+    return int(segment)
+
+
 def test_segments_are_reused_released_and_dropped_over_the_cache_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline_ir.backends import fast_segments
 
     outbox, inbox = fast_segments.Outbox(), fast_segments.Inbox()
     data = np.arange(300_000, dtype=np.uint8)
-    first, fd = outbox.place(memoryview(data))
-    assert fd is not None
-    inbox.learn(first, fd)
-    os.close(fd)
+    first = _pass_new_segment(outbox, inbox, data)
     view = inbox.buffer(first, data.nbytes)
     assert np.array_equal(view, data) and view.flags.writeable is False
     again, fd = outbox.place(memoryview(data))  # `first` is busy: a new segment
@@ -342,10 +349,7 @@ def test_only_a_segment_still_mapped_here_is_forwarded(monkeypatch: pytest.Monke
 
     outbox, inbox, onward = fast_segments.Outbox(), fast_segments.Inbox(), fast_segments.Outbox()
     data = np.arange(300_000, dtype=np.uint8)
-    segment, fd = outbox.place(memoryview(data))
-    assert fd is not None
-    inbox.learn(segment, fd)
-    os.close(fd)
+    segment = _pass_new_segment(outbox, inbox, data)
     view = inbox.buffer(segment, data.nbytes)
     address = view.ctypes.data
     kept = fast_segments._mapped[address][1]  # the fd kept for forwarding
@@ -360,10 +364,7 @@ def test_only_a_segment_still_mapped_here_is_forwarded(monkeypatch: pytest.Monke
     with contextlib.suppress(OSError):  # closed (or, by now, another file's)
         assert not os.readlink(f"/proc/self/fd/{kept}").startswith("/memfd:pipeline_ir")
     monkeypatch.setattr(fast_segments, "MAX_KEPT_FDS", 0)  # past the cap: a copy, as before
-    segment, fd = outbox.place(memoryview(data))  # a new segment: the first is still busy
-    assert fd is not None
-    inbox.learn(segment, fd)
-    os.close(fd)
+    segment = _pass_new_segment(outbox, inbox, data)  # a new segment: the first is still busy
     assert onward.forward(memoryview(inbox.buffer(segment, data.nbytes))) is None
     for end in (outbox, inbox, onward):
         end.close()

@@ -225,7 +225,7 @@ def transfer(ray: Any, s: Settings) -> dict[str, Any]:
         for actor in (sender, receiver):
             ray.kill(actor)
     _wait_released(ray)
-    _pipeline_ir_hop(s, rows, skipped)
+    _pipeline_ir_hop(ray, s, rows, skipped)
     return {"rows": rows, "skipped": skipped, "notes": notes}
 
 
@@ -260,7 +260,7 @@ class Keeper:
         return float(sum(float(k[0]) for k in self.kept))
 
 
-def _pipeline_ir_hop(s: Settings, rows: list[dict[str, Any]], skipped: dict[str, str]) -> None:
+def _pipeline_ir_hop(ray: Any, s: Settings, rows: list[dict[str, Any]], skipped: dict[str, str]) -> None:
     """The same hop between two pipeline_ir GPU steps (`fuse=False`, so
     two actors): over the fast path with CUDA IPC (`cuda_ipc=True`), over
     the fast path through host memory (the default), and through Ray
@@ -307,7 +307,7 @@ def _pipeline_ir_hop(s: Settings, rows: list[dict[str, Any]], skipped: dict[str,
     finally:
         for p in deployed.values():
             p.shutdown()
-    _wait_released(ray_module())
+    _wait_released(ray)
     try:
         rows.append(_check_ipc(s))
     except Exception as e:
@@ -339,12 +339,6 @@ def _check_ipc(s: Settings) -> dict[str, Any]:
                 raise AssertionError(f"call {i}: sum {summed} (expected {i * elements}), kept {kept} (expected {i * (i + 1) // 2})")
         seconds = time.perf_counter() - start
     return row(f"cuda_ipc lifetime: {calls} calls of {megabytes} MB to two steps, one keeping all, values exact", seconds / (calls - 1) * 1e3, "ms per call")
-
-
-def ray_module() -> Any:
-    import ray
-
-    return ray
 
 
 # -- b. resnet18, batch 1 vs 16 --
