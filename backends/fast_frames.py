@@ -145,9 +145,12 @@ class Pickled:
     exports: tuple[cuda_ipc.Export, ...] = ()
 
     def unsent(self) -> None:
-        """This value will not be sent: give back its CUDA IPC exports."""
+        """This value will not be sent: give back its CUDA IPC exports,
+        once (a server that could not build the frame gives them back,
+        then may fail to send the error that replaces it)."""
         if self.exports:
-            cuda_ipc.release(self.exports)
+            exports, self.exports = self.exports, ()
+            cuda_ipc.release(exports)
 
 
 _NO_GPUS: frozenset[str] = frozenset()

@@ -265,6 +265,15 @@ def test_a_result_whose_frame_cannot_be_built_gives_the_export_back(ledger: Ledg
     ledger.check(exports=1, released=1)
 
 
+def test_a_value_given_back_twice_gives_its_exports_back_once(ledger: Ledger) -> None:
+    from pipeline_ir.backends import fast_frames
+
+    pickled = fast_frames.dumps((ledger.on(torch.ones(2)),), frozenset({GPU}))
+    pickled.unsent()
+    pickled.unsent()  # as when the error frame replacing an unbuildable result cannot be sent either
+    ledger.check(exports=1, released=1)
+
+
 def test_an_answer_its_caller_gave_up_on_gives_the_export_back(ledger: Ledger, served: list[Any]) -> None:
     def slow(x: Any) -> Any:
         time.sleep(0.3)
